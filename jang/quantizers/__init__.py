@@ -1,0 +1,11 @@
+"""Quantizers: float weight -> MLX-native affine (packed weight, scales, biases).
+
+Each takes the float weight (last axis = input dim), bits and group size and
+returns arrays ``mx.dequantize`` understands. Register new ones in QUANTIZERS.
+"""
+
+from . import rtn
+
+QUANTIZERS = {
+    "rtn": rtn.quantize_weight,
+}
