@@ -164,7 +164,12 @@ def build_tokenizer(reader):
             setattr(tok, attr, spec["tokens"][int(index)])
     if extra.get("chat_template"):
         tok.chat_template = extra["chat_template"]
-    return tok, extra
+    # llama.cpp adds BOS/EOS by these flags; the saved tokenizer must do the same
+    # (Gemma is badly off without its BOS).
+    for flag in ("add_bos_token", "add_eos_token"):
+        if extra.get(flag) is not None:
+            setattr(tok, flag, bool(extra[flag]))
+    return tok
 
 
 def _cache_key(path: Path) -> str:
@@ -198,18 +203,10 @@ def import_gguf(path, out_dir=None, progress: bool = True) -> Path:
                         desc=f"importing {path.name}", unit="tensor", disable=not progress):
         weights[name] = mx.array(w).astype(dtype)
         mx.eval(weights[name])
-    tok, extra = build_tokenizer(reader)
+    tok = build_tokenizer(reader)
     with atomic_folder(out_dir) as tmp:
         write_float_weights(tmp, weights)
         tok.save_pretrained(tmp)
-        if extra.get("add_bos_token") is not None:
-            _set_tokenizer_flag(tmp, "add_bos_token", bool(extra["add_bos_token"]))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
-
-def _set_tokenizer_flag(folder: Path, key: str, value):
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    cfg[key] = value
-    cfg_path.write_text(json.dumps(cfg, indent=2))

@@ -15,14 +15,14 @@ def _up(a):
 
 
 def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
-    if x.dtype not in _LOW_PRECISION or mode != "affine":
+    if (x.dtype not in _LOW_PRECISION and scales.dtype == x.dtype) or mode != "affine":
         return reference.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
     y = reference.quantized_matmul(_up(x), w, _up(scales), _up(biases), group_size, bits, mode)
     return y.astype(x.dtype)
 
 
 def gather_qmm(x, w, scales, biases, indices, group_size, bits, mode="affine", sorted_indices=False):
-    if x.dtype not in _LOW_PRECISION or mode != "affine":
+    if (x.dtype not in _LOW_PRECISION and scales.dtype == x.dtype) or mode != "affine":
         return reference.gather_qmm(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices)
     y = reference.gather_qmm(_up(x), w, _up(scales), _up(biases), indices, group_size, bits, mode, sorted_indices)
     return y.astype(x.dtype)
