@@ -4,8 +4,9 @@ Each takes the float weight (last axis = input dim), bits and group size and
 returns arrays ``mx.dequantize`` understands. Register new ones in QUANTIZERS.
 """
 
-from . import rtn
+from . import mse, rtn
 
 QUANTIZERS = {
     "rtn": rtn.quantize_weight,
+    "mse": mse.quantize_weight,
 }
