@@ -5,6 +5,7 @@ quantizers only follow it. Tensors a plan leaves float carry ``bits=None``
 and a note that says why.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -98,4 +99,99 @@ def plan_from_profile(model: nn.Module, profile, method: str = "rtn", group_size
             elif group != group_size:
                 note = f"group {group_size} does not divide input dim {shape[-1]}; used {group}"
         plan.tensors[path] = TensorPlan(path, role, bits, group, method if bits else "float", shape, note)
+    return plan
+
+
+# ---------------------------------------------------------------- bit budgets
+
+def candidate_bytes(shape, bits: int, group: int, scale_bytes: int = 2) -> int:
+    """Bytes as stored: packed codes plus one scale and one bias per group."""
+    params = math.prod(shape)
+    return params * bits // 8 + (params // group) * 2 * scale_bytes
+
+
+def solve_budget(options: dict, budget_bytes: float) -> dict:
+    """Multiple-choice knapsack: pick one option per tensor minimising the summed
+    score with total bytes <= budget_bytes.
+
+    options: path -> list of (bytes, score, choice). Lagrangian relaxation finds the
+    best point on the convex hull under the budget; a greedy pass then spends what
+    is left on the upgrades with the best score drop per byte.
+    """
+    def pick(lam):
+        return {p: min(opts, key=lambda o: (o[1] + lam * o[0], o[0])) for p, opts in options.items()}
+
+    def size(sel):
+        return sum(o[0] for o in sel.values())
+
+    cheapest = {p: min(opts, key=lambda o: (o[0], o[1])) for p, opts in options.items()}
+    if size(cheapest) > budget_bytes:
+        raise ValueError(f"budget too small: the cheapest choice for every tensor needs {size(cheapest)} bytes")
+    lo, hi = 0.0, 1.0
+    while size(pick(hi)) > budget_bytes:
+        hi *= 4
+    best = pick(hi)
+    if size(pick(lo)) <= budget_bytes:
+        best = pick(lo)
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            sel = pick(mid)
+            if size(sel) <= budget_bytes:
+                best, hi = sel, mid
+            else:
+                lo = mid
+    return _greedy_fill(options, best, budget_bytes - size(best))
+
+
+def _greedy_fill(options, selection, slack):
+    selection = dict(selection)
+    while True:
+        best_gain, best_move = 0.0, None
+        for path, opts in options.items():
+            cur = selection[path]
+            for o in opts:
+                extra = o[0] - cur[0]
+                gain = cur[1] - o[1]
+                if extra <= slack and gain > 0 and (extra <= 0 or gain / extra > best_gain):
+                    if extra <= 0:  # strictly better for free
+                        best_move, best_gain = (path, o), float("inf")
+                        break
+                    best_gain, best_move = gain / extra, (path, o)
+            if best_gain == float("inf"):
+                break
+        if best_move is None:
+            return selection
+        path, o = best_move
+        slack -= o[0] - selection[path][0]
+        selection[path] = o
+
+
+def plan_from_budget(model: nn.Module, table: dict, bits: float, method: str = "rtn",
+                     scale_bytes: int = 2, name: str = None) -> Plan:
+    """The plan with the least predicted KL whose average bits (as stored) is <= bits.
+
+    table: path -> {"<bits>:<group>": predicted KL}, from jang.sensitivity. Roles
+    that stay float (routers) are not part of the budget, as in the average.
+    """
+    roles = model_roles(model)
+    shapes = {p: tuple(m.weight.shape) for p, m in quantizable_modules(model)}
+    options = {
+        path: [(candidate_bytes(shapes[path], b, g, scale_bytes), score, (b, g))
+               for key, score in table[path].items() for b, g in [map(int, key.split(":"))]]
+        for path in shapes
+        if PROFILE_CLASS.get(roles[path]) is not None and table.get(path)
+    }
+    params = sum(math.prod(shapes[p]) for p in options)
+    try:
+        chosen = solve_budget(options, bits * params / 8)
+    except ValueError as e:
+        raise ValueError(f"bits={bits}: {e} ({params:,} parameters)") from None
+    plan = Plan(profile=name or f"budget {bits:g}", method=method, group_size=0)
+    for path, shape in shapes.items():
+        if path in chosen:
+            _, score, (b, g) = chosen[path]
+            plan.tensors[path] = TensorPlan(path, roles[path], b, g, method, shape, f"predicted KL {score:.3g}")
+        else:
+            plan.tensors[path] = TensorPlan(path, roles[path], None, None, "float", shape, f"{roles[path]} stays float")
     return plan

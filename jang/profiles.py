@@ -39,6 +39,11 @@ _TABLE = [
 
 PROFILES = {name: Profile(name, *bits) for name, *bits in _TABLE}
 
+# Budget profiles: JANG_<n>K is an average-bits budget equal to the size of MLX's
+# uniform n-bit quantization with group 64 (n bits + 0.5 bit of fp16 scale and bias),
+# so JANG_4K is the same size as mlx-lm's 4-bit.
+BUDGETS = {f"JANG_{n}K": n + 0.5 for n in (2, 3, 4, 5, 6)}
+
 # Bit widths MLX's affine quantization stores (there is no 7-bit).
 MLX_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (128, 64, 32)
@@ -50,6 +55,7 @@ def get_profile(name) -> Profile:
     key = str(name).upper().replace("-", "_")
     if key not in PROFILES:
         raise UnknownProfileError(
-            f"Unknown profile {name!r}. Valid profiles: {', '.join(PROFILES)}."
+            f"Unknown profile {name!r}. Valid profiles: {', '.join(PROFILES)}; "
+            f"budget profiles: {', '.join(BUDGETS)}."
         )
     return PROFILES[key]

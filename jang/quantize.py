@@ -5,8 +5,9 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-from .allocate import Plan, plan_from_profile
+from .allocate import Plan, plan_from_budget, plan_from_profile
 from .errors import JangError, NonFiniteWeightError
+from .profiles import BUDGETS
 from .layers import quantized_layer
 from .quantizers import QUANTIZERS
 from .roles import quantizable_modules
@@ -23,15 +24,49 @@ def check_finite(path: str, weight: mx.array):
         raise NonFiniteWeightError(f"Tensor {path}.weight holds {bad} NaN/inf values; refusing to quantize it.")
 
 
-def quantize(model: nn.Module, profile="JANG_4M", *, method: str = "rtn", group_size: int = 64,
-             progress: bool = True) -> Plan:
-    """Quantize ``model`` in place with a named profile (e.g. "JANG_3M") or a Plan.
+def budget_plan(model, bits, tokenizer, method, calibration=None, source=None, progress=True, name=None):
+    """A plan for a bit budget from measured sensitivities (see jang.sensitivity)."""
+    from .calibration import calibration_chunks
+    from .sensitivity import sensitivities
 
-    Returns the per-tensor plan it followed (also kept as ``model.jang_plan``).
-    Tensors the plan leaves float (routers, norms, tensors no group size fits)
-    are left untouched.
+    if tokenizer is None and calibration is None:
+        raise JangError("a bit budget needs calibration text: pass tokenizer= (or calibration= token chunks).")
+    chunks = calibration if calibration is not None else calibration_chunks(tokenizer)
+    table = sensitivities(model, chunks, source=source, progress=progress)
+    try:
+        return plan_from_budget(model, table, bits, method, name=name)
+    except ValueError as e:
+        raise JangError(str(e)) from None
+
+
+def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str = "rtn",
+             group_size: int = 64, tokenizer=None, calibration=None, source=None,
+             progress: bool = True) -> Plan:
+    """Quantize ``model`` in place and return the per-tensor plan it followed.
+
+    profile: a named profile ("JANG_3M"), a budget profile ("JANG_3K" = the size of
+    uniform 3-bit g64, i.e. 3.5 bits), or a Plan. bits: an average-bits budget as
+    stored (packed weights + scales + biases), e.g. 3.0; needs ``tokenizer`` (or
+    ``calibration`` token chunks) to measure sensitivities. method: "rtn", "mse"
+    (uses activation statistics when a tokenizer is given) or "gptq" (needs one).
+    Tensors a plan leaves float (routers, norms, tensors no group size fits) are
+    left untouched. The plan is also kept as ``model.jang_plan``.
     """
-    plan = profile if isinstance(profile, Plan) else plan_from_profile(model, profile, method, group_size)
+    if method not in QUANTIZERS:
+        raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}.")
+    if bits is None and isinstance(profile, str) and profile.upper() in BUDGETS:
+        bits, profile = BUDGETS[profile.upper()], profile.upper()
+    if bits is not None:
+        plan = budget_plan(model, bits, tokenizer, method, calibration, source, progress,
+                           name=profile if isinstance(profile, str) else None)
+    elif isinstance(profile, Plan):
+        plan = profile
+    else:
+        plan = plan_from_profile(model, profile or "JANG_4M", method, group_size)
+    return apply_plan(model, plan, tokenizer=tokenizer, calibration=calibration, progress=progress)
+
+
+def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=True) -> Plan:
     todo = [t for t in plan if t.quantized]
     unknown = sorted({t.method for t in todo} - set(QUANTIZERS))
     if unknown:
@@ -40,13 +75,21 @@ def quantize(model: nn.Module, profile="JANG_4M", *, method: str = "rtn", group_
     missing = [p for p in plan.tensors if p not in modules]
     if missing:
         raise JangError(f"The plan names tensors this model does not have (or has already quantized): {missing[:5]}")
+    energy = {}
+    if any(t.method == "mse" for t in todo) and (tokenizer is not None or calibration is not None):
+        from .calibration import calibration_chunks
+        from .capture import input_statistics
+
+        chunks = calibration if calibration is not None else calibration_chunks(tokenizer)
+        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
     for entry in tqdm(todo, desc=f"quantizing ({plan.profile or 'plan'}, {plan.method})", unit="tensor",
                       disable=not progress):
         module = modules[entry.path]
         weight = module.weight
         check_finite(entry.path, weight)
         weight = weight.astype(storage_dtype(weight.dtype))
-        wq, scales, biases = QUANTIZERS[entry.method](weight, entry.bits, entry.group_size)
+        wq, scales, biases = QUANTIZERS[entry.method](weight, entry.bits, entry.group_size,
+                                                      act_energy=energy.get(entry.path))
         layer = quantized_layer(module, wq, scales, biases, entry.group_size, entry.bits)
         mx.eval(layer.parameters())  # drop the float graph now: bounded memory
         model.update_modules(tree_unflatten([(entry.path, layer)]))
