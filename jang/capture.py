@@ -26,6 +26,18 @@ def running_in_float32(model):
 
 
 class Recorder(nn.Module):
+    """Stands in for a module: attributes it lacks are the wrapped module's (models
+    read things like ``layer.use_sliding``)."""
+
+    def __getattr__(self, key):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            inner = dict.get(self, "inner")
+            if inner is None:  # still in __init__
+                raise
+            return getattr(inner, key)
+
     def __init__(self, inner, path: str, stats: dict, full: bool):
         super().__init__()
         self.inner = inner

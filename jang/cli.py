@@ -1,4 +1,4 @@
-"""The ``jang`` command: convert, inspect, generate."""
+"""The ``jang`` command: convert, inspect, generate, eval, bench."""
 
 import argparse
 import json
@@ -142,6 +142,10 @@ def build_parser():
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print speed and memory")
     p.set_defaults(func=cmd_generate)
+    from .eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("bench", help="benchmarks that write their results to docs/")
     bench = p.add_subparsers(dest="bench", required=True)
     q = bench.add_parser("quality", help="JANG vs mlx-lm at matched sizes: KL, perplexity, top-1; table + plot",

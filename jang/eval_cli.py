@@ -25,9 +25,9 @@ def rows(result: dict) -> list:
     """(label, model column, reference column) for each line of the table."""
     q, mine, ref = result["quality"], result["model_checks"], result["reference_checks"]
     table = [
-        ("KL(reference || model) /token", _num(q["kl"], ".4f"), _num(0.0, ".4f")),
+        ("KL(reference || model) /token", _num(q["kl"], ".4f"), "-"),
         ("perplexity", _num(q["ppl"], ".3f"), _num(q["ref_ppl"], ".3f")),
-        ("top-1 agreement", _num(q["top1"], ".3f"), _num(1.0, ".3f")),
+        ("top-1 agreement with reference", _num(q["top1"], ".3f"), "-"),
     ]
     if "degeneration" in mine:
         table.append(("degenerate generations", _degeneration(mine), _degeneration(ref)))

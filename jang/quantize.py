@@ -52,8 +52,8 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
     Tensors a plan leaves float (routers, norms, tensors no group size fits) are
     left untouched. The plan is also kept as ``model.jang_plan``.
     """
-    if method not in QUANTIZERS:
-        raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}.")
+    if method not in QUANTIZERS and method != "gptq":
+        raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}, gptq.")
     if bits is None and isinstance(profile, str) and profile.upper() in BUDGETS:
         bits, profile = BUDGETS[profile.upper()], profile.upper()
     if bits is not None:
@@ -68,30 +68,47 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
 
 def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=True) -> Plan:
     todo = [t for t in plan if t.quantized]
-    unknown = sorted({t.method for t in todo} - set(QUANTIZERS))
+    unknown = sorted({t.method for t in todo} - set(QUANTIZERS) - {"gptq"})
     if unknown:
-        raise JangError(f"Unknown method {unknown[0]!r}. Valid methods: {', '.join(QUANTIZERS)}.")
+        raise JangError(f"Unknown method {unknown[0]!r}. Valid methods: {', '.join(QUANTIZERS)}, gptq.")
     modules = dict(quantizable_modules(model))
     missing = [p for p in plan.tensors if p not in modules]
     if missing:
         raise JangError(f"The plan names tensors this model does not have (or has already quantized): {missing[:5]}")
-    energy = {}
-    if any(t.method == "mse" for t in todo) and (tokenizer is not None or calibration is not None):
+    chunks = calibration
+    if chunks is None and tokenizer is not None and any(t.method != "rtn" for t in todo):
         from .calibration import calibration_chunks
-        from .capture import input_statistics
 
-        chunks = calibration if calibration is not None else calibration_chunks(tokenizer)
-        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
-    for entry in tqdm(todo, desc=f"quantizing ({plan.profile or 'plan'}, {plan.method})", unit="tensor",
-                      disable=not progress):
+        chunks = calibration_chunks(tokenizer)
+
+    def quantize_entry(entry, quantize_fn):
         module = modules[entry.path]
-        weight = module.weight
-        check_finite(entry.path, weight)
-        weight = weight.astype(storage_dtype(weight.dtype))
-        wq, scales, biases = QUANTIZERS[entry.method](weight, entry.bits, entry.group_size,
-                                                      act_energy=energy.get(entry.path))
+        check_finite(entry.path, module.weight)
+        weight = module.weight.astype(storage_dtype(module.weight.dtype))
+        wq, scales, biases = quantize_fn(weight, entry.bits, entry.group_size)
         layer = quantized_layer(module, wq, scales, biases, entry.group_size, entry.bits)
         mx.eval(layer.parameters())  # drop the float graph now: bounded memory
         model.update_modules(tree_unflatten([(entry.path, layer)]))
+
+    gptq_entries = [t for t in todo if t.method == "gptq"]
+    if gptq_entries:
+        if chunks is None:
+            raise JangError("gptq needs calibration text: pass tokenizer= (or calibration= token chunks).")
+        from .sequential import run_gptq
+
+        done = run_gptq(model, gptq_entries, chunks, quantize_entry, progress=progress)
+        for t in gptq_entries:
+            if t.path not in done:  # embeddings and MoE experts: no per-layer Hessian here
+                t.method, t.note = "mse", (t.note + "; " if t.note else "") + "gptq not applied to this tensor; used mse"
+        todo = [t for t in todo if t.path not in done]
+
+    energy = {}
+    if chunks is not None and any(t.method == "mse" for t in todo):
+        from .capture import input_statistics
+
+        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
+    for entry in tqdm(todo, desc=f"quantizing ({plan.profile or 'plan'}, {plan.method})", unit="tensor",
+                      disable=not progress or not todo):
+        quantize_entry(entry, lambda w, b, g, e=energy.get(entry.path): QUANTIZERS[entry.method](w, b, g, act_energy=e))
     model.jang_plan = plan
     return plan
