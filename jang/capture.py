@@ -25,9 +25,13 @@ def running_in_float32(model):
         model.set_dtype(original)
 
 
-class Recorder(nn.Module):
-    """Stands in for a module: attributes it lacks are the wrapped module's (models
-    read things like ``layer.use_sliding``)."""
+class Wrapper(nn.Module):
+    """Stands in for a module during a calibration pass: attributes it lacks are the
+    wrapped module's (models read things like ``layer.use_sliding``)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
 
     def __getattr__(self, key):
         try:
@@ -38,9 +42,12 @@ class Recorder(nn.Module):
                 raise
             return getattr(inner, key)
 
+
+class Recorder(Wrapper):
+    """Adds its input to a running statistic, then calls the wrapped module."""
+
     def __init__(self, inner, path: str, stats: dict, full: bool):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         object.__setattr__(self, "_where", (path, stats, full))
 
     def _record(self, x):

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-from .capture import Recorder, running_in_float32
+from .capture import Recorder, Wrapper, running_in_float32
 from .quantizers.gptq import gptq
 
 
@@ -21,22 +21,8 @@ class _StopForward(Exception):
     pass
 
 
-class _StopAfter(nn.Module):
-    """Stands in for a module: attributes it lacks are the wrapped module's (models
-    read things like ``layer.use_sliding``)."""
-
-    def __getattr__(self, key):
-        try:
-            return super().__getattr__(key)
-        except AttributeError:
-            inner = dict.get(self, "inner")
-            if inner is None:  # still in __init__
-                raise
-            return getattr(inner, key)
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
+class _StopAfter(Wrapper):
+    """Runs the wrapped layer, then ends the forward pass."""
 
     def __call__(self, *args, **kwargs):
         mx.eval(self.inner(*args, **kwargs))
