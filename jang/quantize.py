@@ -82,13 +82,14 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
         chunks = calibration_chunks(tokenizer)
 
     def quantize_entry(entry, quantize_fn):
+        """The quantized layer for entry (not yet swapped into the model)."""
         module = modules[entry.path]
         check_finite(entry.path, module.weight)
         weight = module.weight.astype(storage_dtype(module.weight.dtype))
         wq, scales, biases = quantize_fn(weight, entry.bits, entry.group_size)
         layer = quantized_layer(module, wq, scales, biases, entry.group_size, entry.bits)
         mx.eval(layer.parameters())  # drop the float graph now: bounded memory
-        model.update_modules(tree_unflatten([(entry.path, layer)]))
+        return layer
 
     gptq_entries = [t for t in todo if t.method == "gptq"]
     if gptq_entries:
@@ -97,6 +98,7 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
         from .sequential import run_gptq
 
         done = run_gptq(model, gptq_entries, chunks, quantize_entry, progress=progress)
+        model.update_modules(tree_unflatten(list(done.items())))
         for t in gptq_entries:
             if t.path not in done:  # embeddings and MoE experts: no per-layer Hessian here
                 t.method, t.note = "mse", (t.note + "; " if t.note else "") + "gptq not applied to this tensor; used mse"
@@ -109,6 +111,7 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
         energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
     for entry in tqdm(todo, desc=f"quantizing ({plan.profile or 'plan'}, {plan.method})", unit="tensor",
                       disable=not progress or not todo):
-        quantize_entry(entry, lambda w, b, g, e=energy.get(entry.path): QUANTIZERS[entry.method](w, b, g, act_energy=e))
+        layer = quantize_entry(entry, lambda w, b, g, e=energy.get(entry.path): QUANTIZERS[entry.method](w, b, g, act_energy=e))
+        model.update_modules(tree_unflatten([(entry.path, layer)]))
     model.jang_plan = plan
     return plan

@@ -57,15 +57,18 @@ def hessians(model, chunks, paths, stop_at=None) -> dict:
     return {p: total for p, (total, _) in stats.items()}
 
 
-def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=True) -> set:
-    """Quantize the 2-D linear entries with GPTQ, layer by layer; returns their paths.
+def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=True) -> dict:
+    """Quantize the 2-D linear entries with GPTQ, layer by layer; returns path -> the
+    quantized layer, for the caller to swap in. Until then each float module holds its
+    dequantized weights -- the same numbers the later layers must see -- so the
+    calibration passes run through BLAS rather than MLX's slow CPU quantized matmul.
     Entries GPTQ does not handle here (embeddings, 3-D MoE experts) are left to the caller."""
     modules = dict(model.named_modules())
     linear = {t.path: t for t in entries if isinstance(modules[t.path], nn.Linear)}
     groups = [(prefix, [p for p in linear if p.startswith(prefix + ".")]) for prefix, _ in decoder_layers(model)]
     rest = [p for p in linear if not any(p in members for _, members in groups)]
     groups.append((None, rest))  # e.g. an untied lm_head: one full pass
-    done = set()
+    done = {}
     bar = tqdm(total=len(linear), desc="quantizing (gptq, layer by layer)", unit="tensor", disable=not progress)
     for stop_at, paths in groups:
         if not paths:
@@ -74,9 +77,11 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
         for path in paths:
             entry = linear[path]
             hess = h[path]
-            quantize_entry(entry, lambda w, bits, group, hess=hess: gptq(
+            layer = quantize_entry(entry, lambda w, bits, group, hess=hess: gptq(
                 w, np.asarray(hess), bits, group, act_order=act_order))
-            done.add(path)
+            modules[path].weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                                                 layer.bits).astype(modules[path].weight.dtype)
+            done[path] = layer
             bar.update()
     bar.close()
     return done

@@ -28,9 +28,10 @@ def test_gptq_driver_on_a_tiny_model(tiny_llama, tmp_path, reference_kernels):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_gptq_beats_rtn_on_smollm2_at_the_same_plan(smollm2_float):
     tok = mlx_utils.load_tokenizer(Path(smollm2_float))
-    chunks = calibration_chunks(tok, n_chunks=16, chunk=128)
+    chunks = calibration_chunks(tok, n_chunks=8, chunk=128)
     held_out = token_chunks(tok, ["\n\n".join(paragraphs("persuasion"))], 2, 256)
     ref = for_evaluation(mlx_utils.load_model(Path(smollm2_float))[0])
     ref_logp = [log_probs(ref, c) for c in held_out]
