@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm import utils as mlx_utils
 from mlx_lm.convert import mixed_quant_predicate_builder
 

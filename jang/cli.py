@@ -36,7 +36,7 @@ def cmd_convert(args):
 
 
 def cmd_inspect(args):
-    from .format import bit_stats, expected_quantization, require_model_folder, validate_folder
+    from .format import bit_stats, require_model_folder, validate_folder
 
     folder = require_model_folder(args.model)
     config = json.loads((folder / "config.json").read_text())

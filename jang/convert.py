@@ -14,7 +14,7 @@ from mlx_lm import utils as mlx_utils
 
 from .assets import ASSETS, DEFAULT_MODEL, fetch_gguf
 from .errors import JangError, OutputExistsError
-from .format import plan_records, require_model_folder, write_config, write_jang_config, write_model_weights
+from .format import plan_records, write_config, write_jang_config, write_model_weights
 from .loader import check_architecture, resolve
 from .paths import atomic_folder
 from .quantize import quantize

@@ -9,7 +9,6 @@ tokenizer builders. Results are cached, so a second conversion is quick.
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 

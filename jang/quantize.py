@@ -52,8 +52,8 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
     Tensors a plan leaves float (routers, norms, tensors no group size fits) are
     left untouched. The plan is also kept as ``model.jang_plan``.
     """
-    if method not in QUANTIZERS and method != "gptq":
-        raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}, gptq.")
+    if method not in QUANTIZERS:
+        raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}.")
     if bits is None and isinstance(profile, str) and profile.upper() in BUDGETS:
         bits, profile = BUDGETS[profile.upper()], profile.upper()
     if bits is not None:
@@ -68,9 +68,9 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
 
 def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=True) -> Plan:
     todo = [t for t in plan if t.quantized]
-    unknown = sorted({t.method for t in todo} - set(QUANTIZERS) - {"gptq"})
+    unknown = sorted({t.method for t in todo} - set(QUANTIZERS))
     if unknown:
-        raise JangError(f"Unknown method {unknown[0]!r}. Valid methods: {', '.join(QUANTIZERS)}, gptq.")
+        raise JangError(f"Unknown method {unknown[0]!r}. Valid methods: {', '.join(QUANTIZERS)}.")
     modules = dict(quantizable_modules(model))
     missing = [p for p in plan.tensors if p not in modules]
     if missing:
@@ -91,6 +91,17 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
         mx.eval(layer.parameters())  # drop the float graph now: bounded memory
         return layer
 
+    for t in todo:  # GPTQ works on a linear layer's input Hessian
+        if t.method == "gptq" and not isinstance(modules[t.path], nn.Linear):
+            t.method = "mse"
+            t.note = (t.note + "; " if t.note else "") + "gptq not applied to this tensor (not a linear); used mse"
+    energy = {}
+    if chunks is not None and any(t.method == "mse" for t in todo):
+        from .capture import input_statistics
+
+        # measured on the float model, before anything is swapped for a quantized layer
+        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
+
     gptq_entries = [t for t in todo if t.method == "gptq"]
     if gptq_entries:
         if chunks is None:
@@ -99,16 +110,7 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
 
         done = run_gptq(model, gptq_entries, chunks, quantize_entry, progress=progress)
         model.update_modules(tree_unflatten(list(done.items())))
-        for t in gptq_entries:
-            if t.path not in done:  # embeddings and MoE experts: no per-layer Hessian here
-                t.method, t.note = "mse", (t.note + "; " if t.note else "") + "gptq not applied to this tensor; used mse"
         todo = [t for t in todo if t.path not in done]
-
-    energy = {}
-    if chunks is not None and any(t.method == "mse" for t in todo):
-        from .capture import input_statistics
-
-        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
     for entry in tqdm(todo, desc=f"quantizing ({plan.profile or 'plan'}, {plan.method})", unit="tensor",
                       disable=not progress or not todo):
         layer = quantize_entry(entry, lambda w, b, g, e=energy.get(entry.path): QUANTIZERS[entry.method](w, b, g, act_energy=e))

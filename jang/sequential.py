@@ -9,7 +9,6 @@ wrapped in Recorders that accumulate sum x x^T of their inputs.
 
 import mlx.core as mx
 import numpy as np
-import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
@@ -62,9 +61,9 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
     quantized layer, for the caller to swap in. Until then each float module holds its
     dequantized weights -- the same numbers the later layers must see -- so the
     calibration passes run through BLAS rather than MLX's slow CPU quantized matmul.
-    Entries GPTQ does not handle here (embeddings, 3-D MoE experts) are left to the caller."""
+    Entries must be linear layers (an embedding or MoE expert stack has no such Hessian here)."""
     modules = dict(model.named_modules())
-    linear = {t.path: t for t in entries if isinstance(modules[t.path], nn.Linear)}
+    linear = {t.path: t for t in entries}
     groups = [(prefix, [p for p in linear if p.startswith(prefix + ".")]) for prefix, _ in decoder_layers(model)]
     rest = [p for p in linear if not any(p in members for _, members in groups)]
     groups.append((None, rest))  # e.g. an untied lm_head: one full pass

@@ -2,7 +2,6 @@
 GGUF import fidelity, and a conversion killed midway."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten

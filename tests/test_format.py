@@ -1,7 +1,6 @@
 """The JANG folder: round trip through both loaders, headers, average bits, errors."""
 
 import json
-import math
 import struct
 from pathlib import Path
 

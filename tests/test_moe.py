@@ -2,7 +2,6 @@
 
 import mlx.core as mx
 import mlx_lm
-import pytest
 from mlx_lm import utils as mlx_utils
 
 import jang
