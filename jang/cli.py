@@ -93,6 +93,27 @@ def cmd_bench_quality(args):
     print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
 
 
+def cmd_bench_kernels(args):
+    from .bench_kernels import run_kernels, write
+
+    result = run_kernels(quick=args.quick, out=Path(args.docs, args.name), only=args.cases)
+    write(result, Path(args.docs), args.name)
+    print(Path(args.docs, args.name + ".md").read_text())
+
+
+def cmd_bench_decode(args):
+    import json as _json
+
+    from .bench_kernels import decode_markdown, run_decode
+
+    result = run_decode(models=args.models, bits=args.bits, prompt_len=args.prompt, new_tokens=args.tokens)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{args.name}.json").write_text(_json.dumps(result, indent=2))
+    (docs / f"{args.name}.md").write_text(decode_markdown(result))
+    print(decode_markdown(result))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="jang",
@@ -161,6 +182,22 @@ def build_parser():
     q.add_argument("--matched-method", default="mse", help="JANG method for the matched-size rows")
     q.add_argument("--eval-tokens", type=int, default=2048)
     q.set_defaults(func=cmd_bench_quality)
+    k = bench.add_parser("kernels", help="JANG's fused GPU kernels vs MLX's ops: time, GB/s, share of bandwidth",
+                         description="Needs a GPU backend (CUDA or Metal). Writes docs/NAME.md and .json.")
+    k.add_argument("--docs", default="docs")
+    k.add_argument("--name", default="kernels-results")
+    k.add_argument("--quick", action="store_true", help="2- and 4-bit only")
+    k.add_argument("--cases", nargs="*", default=None, help="a subset of the cases (default: all)")
+    k.set_defaults(func=cmd_bench_kernels)
+    d = bench.add_parser("decode", help="end-to-end prefill and decode tokens/s, JANG kernels vs mlx-lm, same weights",
+                         description="Random-weight models of real shapes built with mlx-lm's llama class.")
+    d.add_argument("--docs", default="docs")
+    d.add_argument("--name", default="decode-results")
+    d.add_argument("--models", nargs="*", default=["smollm2-135m", "llama-3-8b"])
+    d.add_argument("--bits", nargs="*", type=int, default=[4])
+    d.add_argument("--prompt", type=int, default=512)
+    d.add_argument("--tokens", type=int, default=128)
+    d.set_defaults(func=cmd_bench_decode)
     return parser
 
 

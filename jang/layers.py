@@ -113,4 +113,76 @@ def adopt_all(model: nn.Module) -> int:
         from mlx.utils import tree_unflatten
 
         model.update_modules(tree_unflatten(swaps))
+    if kernels.route("swiglu"):
+        fuse_mlps(model)
+    if kernels.route("attention"):
+        patch_attention()
     return len(swaps)
+
+
+# ---------------------------------------------------------------- fused GPU paths
+# mlx-lm modules whose MLP is down(swiglu(gate(x), up(x))) and whose attention calls
+# base.scaled_dot_product_attention: there, one fused kernel can replace the MLP's
+# two GEMVs and product, and attention can run JANG's kernel. Elsewhere (and on the
+# CPU, and wherever kernels.ROUTES says MLX's op is faster) the original code runs.
+SWIGLU_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral3")
+ATTENTION_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "mistral3")
+
+
+class _FusedSwiGLU:
+    """Mixin put in front of an mlx-lm MLP class: gate, up and the product in one kernel."""
+
+    def __call__(self, x):
+        y = kernels.swiglu(x, self.gate_proj, self.up_proj)
+        return super().__call__(x) if y is None else self.down_proj(y)
+
+
+_FUSED_CLASSES = {}
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Route the SwiGLU MLPs of known mlx-lm architectures through kernels.swiglu;
+    returns how many MLPs were switched (their arrays are untouched)."""
+    import importlib
+
+    mlp_classes = set()
+    for name in SWIGLU_MODULES:
+        try:
+            mlp_classes.add(importlib.import_module(f"mlx_lm.models.{name}").MLP)
+        except (ImportError, AttributeError):
+            continue
+    count = 0
+    for _, m in model.named_modules():
+        cls = type(m)
+        if cls in mlp_classes and all(isinstance(m.get(p), QuantizedLinear) for p in ("gate_proj", "up_proj")):
+            fused = _FUSED_CLASSES.setdefault(cls, type(f"Fused{cls.__name__}", (_FusedSwiGLU, cls), {}))
+            m.__class__ = fused
+            count += 1
+    return count
+
+
+def patch_attention() -> int:
+    """Point the attention of known mlx-lm architectures at kernels.attention (which
+    hands anything it does not cover back to mlx-lm's own function)."""
+    import importlib
+
+    patched = 0
+    for name in ATTENTION_MODULES:
+        try:
+            module = importlib.import_module(f"mlx_lm.models.{name}")
+        except ImportError:
+            continue
+        original = getattr(module, "scaled_dot_product_attention", None)
+        if original is None or getattr(original, "jang_patched", False):
+            continue
+
+        def sdpa(queries, keys, values, cache, scale, mask, sinks=None, _original=original):
+            out = None
+            if sinks is None and not hasattr(cache, "bits"):
+                out = kernels.attention(queries, keys, values, scale, mask)
+            return _original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks) if out is None else out
+
+        sdpa.jang_patched = True
+        module.scaled_dot_product_attention = sdpa
+        patched += 1
+    return patched

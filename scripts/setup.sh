@@ -13,6 +13,8 @@ python -m pip install -q -e ".[dev,plot]"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-cache show r-cran-janeaustenr >/dev/null 2>&1 || apt-get update -qq >/dev/null \
     || echo "warning: apt-get update failed; tests that read Jane Austen will fail"
+  # a C++ compiler checks the generated Metal kernels' syntax (tests/test_kernels_cpu.py)
+  command -v c++ >/dev/null 2>&1 || apt-get install -y -qq g++ >/dev/null || echo "note: no C++ compiler; Metal syntax tests skip"
   [ -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] || [ "$(uname -m)" != x86_64 ] \
     || apt-get install -y -qq libopenblas0-pthread >/dev/null || echo "note: OpenBLAS not installed; CPU runs slower"
 fi

@@ -2,44 +2,133 @@
 
 Every op has a pure-MLX reference implementation (``reference.py``): it runs on
 every backend and is the oracle fused kernels are tested against. Fused
-kernels (``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``) plug in here per
-backend, and only where a benchmark shows they beat MLX's own op.
+kernels (``gpu.py``: one body per kernel in ``src/``, built for CUDA through
+``mx.fast.cuda_kernel`` or Metal through ``mx.fast.metal_kernel``) take over per
+backend, and only where ``jang bench kernels`` showed they beat MLX's own op
+(``ROUTES`` below; results in docs/kernels.md).
 
-``JANG_KERNELS=reference`` forces the MLX path everywhere.
+``JANG_KERNELS=reference`` forces the MLX path everywhere; ``JANG_ENABLE=qmv,swiglu``
+turns on routes that are off by default.
 """
 
 import os
 
-from . import cpu, reference
+import mlx.core as mx
 
-# (op name, backend) -> implementation; ops not listed run the reference path.
-_FUSED = {(op, "cpu"): fn for op, fn in cpu.OPS.items()}
+from . import cpu, gpu, reference
+
+# Which fused kernel runs, per backend, from the H100 measurements in docs/kernels.md.
+# Per launch, on the GPU, JANG's GEMV, SwiGLU, embedding and norm+RoPE kernels beat
+# MLX's ops (1.3-2.9x); end to end, decode is bound by host work per launch, where an
+# mx.fast.cuda_kernel call costs ~12 us against ~2.4 us for MLX's quantized_matmul, so
+# routing decode GEMVs through JANG made Llama-3-8B decode slower (0.57-0.86x). Decode
+# therefore stays on MLX's ops until that host cost is gone; prefill (dequantize +
+# cuBLAS, 1.8-3.2x per GEMM, 1.2-1.7x end to end) and the embedding gather are on.
+# Metal is compiled for syntax only (no Apple GPU here): MLX's ops until measured.
+ROUTES = {
+    "cuda": {
+        "qmv": False,  # dequant GEMV for up to gpu.QMV_MAX_M tokens: faster kernel, slower model (host-bound)
+        "prefill": "dequant",  # many tokens: "qmm" (fused tensor-core, 2-3x slower than MLX), "dequant" or "mlx"
+        "embedding": True,
+        "swiglu": False,  # as qmv
+        "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
+        "attention": False,  # MLX's decode SDPA was 10x faster on the GPU (11 vs 110 us at 1k context)
+    },
+    "metal": {},
+}
+
+
+_BACKENDS = {}
 
 
 def backend() -> str:
-    """'reference' when forced, else the backend MLX runs on: 'cuda', 'metal' or 'cpu'."""
-    if os.environ.get("JANG_KERNELS", "").lower() == "reference":
-        return "reference"
-    import mlx.core as mx
+    """'reference' when forced, else the backend MLX runs on: 'cuda', 'metal' or 'cpu'.
+    Asked on every layer call, so the answer is cached per (JANG_KERNELS, device type):
+    at decode, host time per op is what the GPU waits on."""
+    key = (os.environ.get("JANG_KERNELS", ""), mx.default_device().type)
+    found = _BACKENDS.get(key)
+    if found is None:
+        found = _BACKENDS[key] = _detect(*key)
+    return found
 
-    if mx.default_device().type == mx.cpu:
+
+def _detect(forced: str, device_type) -> str:
+    if forced.lower() == "reference":
+        return "reference"
+    if device_type == mx.cpu:
         return "cpu"
     if mx.metal.is_available():
         return "metal"
     return "cuda" if mx.cuda.is_available() else "cpu"
 
 
-def _pick(op: str):
-    return _FUSED.get((op, backend()), getattr(reference, op))
+_NO_ROUTES = {}
+# JANG_ENABLE=qmv,swiglu turns routes on that ROUTES leaves off (for benchmarks and
+# for trying the kernels end to end); it never applies on the CPU or when forced to
+# the reference path.
+_ENABLED = {op for op in os.environ.get("JANG_ENABLE", "").split(",") if op}
+
+
+def route(op: str, default=False):
+    b = backend()
+    if op in _ENABLED and b in ROUTES:
+        return ROUTES[b].get(op) or True
+    return ROUTES.get(b, _NO_ROUTES).get(op, default)
 
 
 def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
-    return _pick("quantized_matmul")(x, w, scales, biases, group_size, bits, mode)
+    b = backend()
+    if b == "cpu":
+        return cpu.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
+    if (b in ROUTES and ROUTES[b] and w.shape[0] * x.shape[-1] >= gpu.FUSED_MIN_WEIGHTS
+            and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
+        tokens = x.size // x.shape[-1]
+        if tokens <= gpu.QMV_MAX_M and route("qmv"):
+            return gpu.qmv(x, w, scales, biases, group_size, bits)
+        prefill = route("prefill", "mlx")
+        if tokens > gpu.QMV_MAX_M and prefill == "qmm":
+            return gpu.qmm(x, w, scales, biases, group_size, bits)
+        if tokens > gpu.QMV_MAX_M and prefill == "dequant":
+            return gpu.dequant_matmul(x, w, scales, biases, group_size, bits)
+    return reference.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
 
 
 def gather_qmm(x, w, scales, biases, indices, group_size, bits, mode="affine", sorted_indices=False):
-    return _pick("gather_qmm")(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices)
+    if backend() == "cpu":
+        return cpu.gather_qmm(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices)
+    return reference.gather_qmm(x, w, scales, biases, indices, group_size, bits, mode, sorted_indices)
 
 
 def embedding_lookup(ids, w, scales, biases, group_size, bits, mode="affine"):
-    return _pick("embedding_lookup")(ids, w, scales, biases, group_size, bits, mode)
+    if (route("embedding") and mode == "affine" and biases is not None and bits in gpu.BITS
+            and group_size in gpu.GROUP_SIZES and scales.dtype in gpu.HALF and (w.shape[-1] * 32 // bits) % 32 == 0):
+        return gpu.qgather(ids, w, scales, biases, group_size, bits, scales.dtype)
+    return reference.embedding_lookup(ids, w, scales, biases, group_size, bits, mode)
+
+
+def swiglu(x, gate, up):
+    """silu(gate(x)) * up(x) through the fused kernel, or None where it does not apply
+    (the caller then runs the unfused layers)."""
+    if not route("swiglu") or x.size // x.shape[-1] > gpu.QMV_MAX_M:
+        return None
+    if gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
+        return None
+    if (gate.bits, gate.group_size, gate.mode) != (up.bits, up.group_size, up.mode) or "bias" in gate or "bias" in up:
+        return None
+    if not gpu.supports_affine(x, gate["weight"], gate["scales"], gate.get("biases"), gate.group_size, gate.bits, gate.mode):
+        return None
+    return gpu.swiglu(x, (gate["weight"], gate["scales"], gate["biases"]), (up["weight"], up["scales"], up["biases"]),
+                      gate.group_size, gate.bits)
+
+
+def attention(q, k, v, scale, mask):
+    """JANG's GQA attention for no mask (decode) or mlx-lm's "causal" string mask, or
+    None where it does not apply."""
+    if not route("attention") or not (mask is None or (isinstance(mask, str) and mask == "causal")):
+        return None
+    D = q.shape[-1]
+    if q.dtype not in gpu.HALF or k.dtype != q.dtype or D % 32 or D > 256 or q.shape[1] % k.shape[1]:
+        return None
+    if q.shape[2] > 1:
+        return None  # prefill: MLX's flash attention is ~50x faster than this one-query-per-block kernel
+    return gpu.attention(q, k, v, scale)

@@ -32,5 +32,3 @@ def gather_qmm(x, w, scales, biases, indices, group_size, bits, mode="affine", s
     y = reference.gather_qmm(_up(x), w, _up(scales), _up(biases), indices, group_size, bits, mode, sorted_indices)
     return y.astype(x.dtype)
 
-
-OPS = {"quantized_matmul": quantized_matmul, "gather_qmm": gather_qmm}

@@ -1,0 +1,436 @@
+"""``jang bench kernels`` and ``jang bench decode``: JANG's fused GPU kernels against
+MLX's own op for the same job, same run, same GPU; results to docs/.
+
+Timing: many launches are queued and evaluated at once (a single launch measures
+MLX's dispatch, not the kernel), over rotating input sets larger than the GPU's L2
+cache, median of several repeats. Bandwidth counts each input byte read once and
+each output byte written once; the device's ceiling is a measured large copy.
+"""
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from .kernels import gpu, reference
+
+L2_BYTES = 64 << 20  # rotate inputs so a round trip touches more than the L2 (H100: 50 MB)
+
+
+def timed(make_calls, launches=64, repeats=7) -> float:
+    """Median seconds per launch. make_calls() -> list of zero-arg callables, one per
+    input set; launches cycle through them."""
+    calls = make_calls()
+    mx.eval([c() for c in calls])
+    mx.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [calls[i % len(calls)]() for i in range(launches)]
+        mx.eval(outs)
+        mx.synchronize()
+        samples.append((time.perf_counter() - t0) / launches)
+    return statistics.median(samples)
+
+
+def _torch_profiler():
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        return (profile, ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - no torch, or one that cannot see this GPU
+        return None
+
+
+def gpu_time(make_calls, launches=32):
+    """GPU seconds per launch: the summed durations of every CUDA kernel the launches
+    ran, recorded by CUPTI (through torch.profiler, which sees MLX's kernels too since
+    both share the device's primary context). None where torch is not available; the
+    wall-clock time then stands, which includes MLX's per-op host overhead."""
+    prof = _torch_profiler()
+    if prof is None:
+        return None
+    profile, activity, cuda = prof
+    calls = make_calls()
+    mx.eval([c() for c in calls])
+    mx.synchronize()
+    with profile(activities=[activity]) as p:
+        outs = [calls[i % len(calls)]() for i in range(launches)]
+        mx.eval(outs)
+        mx.synchronize()
+    kernels = [e for e in p.events() if e.device_type == cuda]
+    if not kernels:
+        return None
+    return sum(e.time_range.elapsed_us() for e in kernels) * 1e-6 / launches
+
+
+def both(make_calls, launches=64):
+    """(wall seconds per launch, GPU seconds per launch or None)."""
+    return timed(make_calls, launches), gpu_time(make_calls, max(8, launches // 2))
+
+
+def sets_for(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device copy (read + write)."""
+    a = mx.random.normal((256 << 20,)).astype(mx.float16)  # 512 MB
+    mx.eval(a)
+    t = timed(lambda: [lambda: a + 1], launches=16, repeats=5)
+    return 2 * a.nbytes / t
+
+
+def measure(row: dict, key: str, make_calls, launches=64) -> float:
+    """Record wall and GPU time per launch as row[key + '_s'] / row[key + '_gpu_s'];
+    returns the better-founded of the two (GPU time when available)."""
+    wall, gpu_s = both(make_calls, launches)
+    row[key + "_s"], row[key + "_gpu_s"] = wall, gpu_s
+    return gpu_s if gpu_s is not None else wall
+
+
+CHAIN = 64
+
+
+def _chain(op, x, sets):
+    """A zero-arg callable running CHAIN dependent launches of op (per-launch times
+    are then the recorded times / CHAIN)."""
+    def run():
+        v = x
+        for i in range(CHAIN):
+            v = op(v, sets[i % len(sets)]) * 1e-3  # keep values bounded; the scale is one tiny op
+        return v
+    return run
+
+
+def _nbytes(*arrays):
+    return sum(a.nbytes for a in arrays)
+
+
+# ---------------------------------------------------------------- cases
+
+def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,)):
+    rows = []
+    for bits in bits_list:
+        mx.random.seed(bits)
+        w0 = mx.random.normal((n, k)).astype(dtype)
+        one = mx.quantize(w0, group_size=gs, bits=bits)
+        del w0
+        per = _nbytes(*one)
+        sets = [one] + [tuple(a + 0 for a in one) for _ in range(sets_for(per) - 1)]
+        mx.eval(sets)
+        x = mx.random.normal((1, k)).astype(dtype)
+        moved = per + x.nbytes + n * x.itemsize
+        row = {"kernel": "qmv", "shape": f"1x{k} @ {n}x{k}", "bits": bits, "group": gs, "dtype": str(dtype).split(".")[-1],
+               "bytes": moved}
+        measure(row, "mlx", lambda: [lambda s=s: reference.quantized_matmul(x, *s, gs, bits) for s in sets])
+        sweep = []
+        for config in configs:
+            trial = {}
+            sweep.append((measure(trial, "jang", lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, config) for s in sets]),
+                          trial, config))
+        _, trial, config = min(sweep, key=lambda t: t[0])
+        row.update({**trial, "config": {**gpu.QMV, **(config or {})},
+                    "sweep": [{"config": c, **t} for _, t, c in sweep]})
+        if n == k:
+            # Each launch reads the previous one's output: nothing overlaps, so the GPU time
+            # is the kernel's own and the wall time is kernel + launch gap.
+            measure(row, "mlx_chain", lambda: [_chain(lambda v, s: reference.quantized_matmul(v, *s, gs, bits), x, sets)], 1)
+            measure(row, "jang_chain", lambda: [_chain(lambda v, s: gpu.qmv(v, *s, gs, bits, config), x, sets)], 1)
+        rows.append(row)
+        del sets, one
+    return rows
+
+
+def qmm_cases(bits_list, m=512, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,)):
+    rows = []
+    for bits in bits_list:
+        mx.random.seed(bits)
+        w0 = mx.random.normal((n, k)).astype(dtype)
+        one = mx.quantize(w0, group_size=gs, bits=bits)
+        del w0
+        x = mx.random.normal((m, k)).astype(dtype)
+        mx.eval(one, x)
+        moved = _nbytes(*one) + x.nbytes + m * n * x.itemsize
+        row = {"kernel": "qmm", "shape": f"{m}x{k} @ {n}x{k}", "bits": bits, "group": gs,
+               "dtype": str(dtype).split(".")[-1], "bytes": moved, "flops": 2 * m * n * k}
+        measure(row, "mlx", lambda: [lambda: reference.quantized_matmul(x, *one, gs, bits)], launches=16)
+        measure(row, "dequant", lambda: [lambda: gpu.dequant_matmul(x, *one, gs, bits)], launches=16)
+        sweep = []
+        for config in configs:
+            trial = {}
+            sweep.append((measure(trial, "fused", lambda: [lambda: gpu.qmm(x, *one, gs, bits, config)], launches=16),
+                          trial, config))
+        _, trial, config = min(sweep, key=lambda t: t[0])
+        row.update({**trial, "config": {**gpu.QMM, **(config or {})}})
+        # JANG's prefill path is the faster of its two: fused tensor-core GEMM or dequant + cuBLAS
+        fused_won = _best(row, "fused") <= _best(row, "dequant")
+        row["jang_path"] = "fused" if fused_won else "dequant"
+        for suffix in ("_s", "_gpu_s"):
+            row["jang" + suffix] = row[row["jang_path"] + suffix]
+        rows.append(row)
+    return rows
+
+
+def swiglu_cases(bits_list, n=14336, k=4096, gs=64, dtype=mx.float16):
+    rows = []
+    for bits in bits_list:
+        gate = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
+        up = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
+        per = _nbytes(*gate, *up)
+        sets = [(gate, up)] + [(tuple(a + 0 for a in gate), tuple(a + 0 for a in up)) for _ in range(sets_for(per) - 1)]
+        mx.eval(sets)
+        x = mx.random.normal((1, k)).astype(dtype)
+
+        def mlx_path(g, u):
+            a = reference.quantized_matmul(x, *g, gs, bits)
+            return (a * mx.sigmoid(a)) * reference.quantized_matmul(x, *u, gs, bits)
+
+        row = {"kernel": "swiglu", "shape": f"1x{k} @ 2x{n}x{k}", "bits": bits, "group": gs,
+               "dtype": str(dtype).split(".")[-1], "bytes": per + x.nbytes + n * x.itemsize}
+        measure(row, "mlx", lambda: [lambda s=s: mlx_path(*s) for s in sets])
+        measure(row, "jang", lambda: [lambda s=s: gpu.swiglu(x, s[0], s[1], gs, bits) for s in sets])
+        rows.append(row)
+    return rows
+
+
+def embedding_cases(vocab=128256, dims=4096, bits=4, gs=64, dtype=mx.float16, tokens=(1, 512)):
+    table = mx.quantize(mx.random.normal((vocab, dims)).astype(dtype), group_size=gs, bits=bits)
+    mx.eval(table)
+    rows = []
+    for t in tokens:
+        ids = mx.random.randint(0, vocab, (t,))
+        moved = t * (dims * bits // 8 + 2 * (dims // gs) * 2) + t * dims * 2
+        row = {"kernel": "embedding", "shape": f"{t} ids of {vocab}x{dims}", "bits": bits, "group": gs,
+               "dtype": str(dtype).split(".")[-1], "bytes": moved}
+        measure(row, "mlx", lambda: [lambda: reference.embedding_lookup(ids, *table, gs, bits)])
+        measure(row, "jang", lambda: [lambda: gpu.qgather(ids, *table, gs, bits, dtype)])
+        rows.append(row)
+    return rows
+
+
+def norm_rope_cases(dtype=mx.float16, heads=32, dims=128, lengths=(1, 512)):
+    rows = []
+    weight = (1 + 0.1 * mx.random.normal((dims,))).astype(dtype)
+    inv = gpu.rope_inv_freq(dims, 500000.0)
+    for L in lengths:
+        x = mx.random.normal((1, L, heads, dims)).astype(dtype)
+
+        def mlx_path():
+            y = mx.fast.rms_norm(x, weight, 1e-6).transpose(0, 2, 1, 3)
+            return mx.fast.rope(y, dims, traditional=False, base=500000.0, scale=1.0, offset=100)
+
+        row = {"kernel": "norm_rope", "shape": f"1x{L}x{heads}x{dims}", "bits": None, "group": None,
+               "dtype": str(dtype).split(".")[-1], "bytes": 2 * x.nbytes}
+        measure(row, "mlx", lambda: [mlx_path])
+        measure(row, "jang", lambda: [lambda: gpu.norm_rope(x, weight, 1e-6, inv, 100)])
+        rows.append(row)
+    return rows
+
+
+def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(1024, 4096), prefill=256):
+    rows = []
+    scale = 1 / math.sqrt(dims)
+    for S in contexts:
+        k = mx.random.normal((1, hkv, S, dims)).astype(dtype)
+        v = mx.random.normal((1, hkv, S, dims)).astype(dtype)
+        for L in (1, prefill) if S == contexts[0] else (1,):
+            q = mx.random.normal((1, hq, L, dims)).astype(dtype)
+            mask = None if L == 1 else "causal"
+            row = {"kernel": "attention", "shape": f"L={L} S={S} Hq={hq} Hkv={hkv} D={dims}", "bits": None,
+                   "group": None, "dtype": str(dtype).split(".")[-1], "bytes": q.nbytes * 2 + k.nbytes + v.nbytes}
+            measure(row, "mlx", lambda: [lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)],
+                    launches=32)
+            measure(row, "jang", lambda: [lambda: gpu.attention(q, k, v, scale)], launches=8 if L > 1 else 32)
+            rows.append(row)
+    return rows
+
+
+QMV_SWEEP = ({"R": 2, "U": 2, "WARPS": 4}, {"R": 1, "U": 4, "WARPS": 8}, {"R": 2, "U": 1, "WARPS": 8},
+             {"R": 4, "U": 2, "WARPS": 4})
+QMM_SWEEP = ({"WM": 2, "WN": 2, "FM": 2, "FN": 2}, {"WM": 2, "WN": 4, "FM": 2, "FN": 2}, {"WM": 4, "WN": 2, "FM": 2, "FN": 4})
+
+
+def _best(row, key):
+    return row[key + "_gpu_s"] if row.get(key + "_gpu_s") is not None else row[key + "_s"]
+
+
+CASE_NAMES = ("qmv", "qmv_other_bits", "qmv_bf16", "swiglu", "embedding", "norm_rope", "attention", "qmm")
+
+
+def run_kernels(quick=False, out: Path = None, only=None) -> dict:
+    """All cases; with ``out`` the result file is rewritten after each case, so a run
+    stopped early still leaves what it measured."""
+    bits = (2, 4) if quick else gpu.BITS
+    result = {"device": device_name(), "mlx": mx.__version__, "copy_GBps": copy_bandwidth() / 1e9, "rows": []}
+    cases = [lambda: qmv_cases((2, 4), configs=QMV_SWEEP),
+             lambda: qmv_cases([b for b in bits if b not in (2, 4)]),
+             lambda: qmv_cases((4,), dtype=mx.bfloat16),
+             lambda: swiglu_cases((4,) if quick else (2, 4, 8)),
+             lambda: embedding_cases(),
+             lambda: norm_rope_cases(),
+             lambda: attention_cases(),
+             lambda: qmm_cases((2, 4) if quick else bits, configs=QMM_SWEEP[:1])]
+    for name, case in zip(CASE_NAMES, cases):
+        if only and name not in only:
+            continue
+        result["rows"] += case()
+        if out is not None:
+            write(result, out.parent, out.name)
+    return result
+
+
+def device_name() -> str:
+    try:
+        return mx.device_info().get("device_name", str(mx.default_device()))
+    except Exception:  # noqa: BLE001 - older MLX
+        return str(mx.default_device())
+
+
+# ---------------------------------------------------------------- report
+
+def markdown(result: dict) -> str:
+    bw = result["copy_GBps"]
+    lines = [f"Device: {result['device']}, MLX {result['mlx']}; measured copy bandwidth {bw:.0f} GB/s "
+             "(read + write of a 512 MB array). Times are per launch, median of 7 repeats of 64 queued launches "
+             "over rotating inputs. GB/s counts each input byte read once and each output byte written once.", "",
+             "GPU µs = summed CUDA kernel durations per launch from CUPTI (torch.profiler); wall µs includes MLX's "
+             "per-op host overhead. Speed-up and GB/s use GPU time where it was recorded.", "",
+             "| kernel | shape | bits | dtype | MLX GPU µs | JANG GPU µs | speed-up | JANG GB/s | of copy bw | "
+             "MLX wall µs | JANG wall µs | notes |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    us = lambda v: "-" if v is None else f"{v * 1e6:.1f}"  # noqa: E731
+    for r in result["rows"]:
+        t_mlx, t_jang = _best(r, "mlx"), _best(r, "jang")
+        gbs = r["bytes"] / t_jang / 1e9
+        notes = []
+        if r["kernel"] == "qmm":
+            notes.append(f"JANG path: {r['jang_path']}; dequant+cuBLAS {_best(r, 'dequant') * 1e6:.0f} µs, fused "
+                         f"{_best(r, 'fused') * 1e6:.0f} µs ({r['flops'] / _best(r, 'fused') / 1e12:.0f} TFLOP/s)")
+        if r["kernel"] == "qmv":
+            notes.append("R{R} U{U} W{WARPS}".format(**r["config"]))
+            if "jang_chain_s" in r:
+                per = {k: _best(r, k) / CHAIN for k in ("mlx_chain", "jang_chain")}
+                notes.append(f"chained: MLX {per['mlx_chain'] * 1e6:.1f} µs, JANG {per['jang_chain'] * 1e6:.1f} µs = "
+                             f"{r['bytes'] / per['jang_chain'] / 1e9:.0f} GB/s")
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['bits'] or '-'} | {r['dtype']} | {us(r.get('mlx_gpu_s'))} | "
+                     f"{us(r.get('jang_gpu_s'))} | {t_mlx / t_jang:.2f}x | {gbs:.0f} | {gbs / bw:.0%} | "
+                     f"{us(r['mlx_s'])} | {us(r['jang_s'])} | {'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, docs: Path, name: str):
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (docs / f"{name}.md").write_text(markdown(result))
+
+
+# ---------------------------------------------------------------- end to end
+
+# Shapes only: speed does not depend on the weights' values, so random weights in
+# mlx-lm's own llama class stand in for the real models.
+DECODE_MODELS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+}
+
+
+def random_llama(name: str, bits: int, group_size: int = 64):
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, **DECODE_MODELS[name])
+    model = llama.Model(args)
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def decode_speed(model, prompt_len=512, new_tokens=128):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt = mx.random.randint(0, model.args.vocab_size, (1, prompt_len))
+    for _ in range(2):  # warm-up: compiles every kernel for both shapes
+        cache = make_prompt_cache(model)
+        y = mx.argmax(model(prompt, cache=cache)[:, -1], axis=-1)
+        for _ in range(4):
+            y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+    cache = make_prompt_cache(model)
+    mx.synchronize()
+    t0 = time.perf_counter()
+    y = mx.argmax(model(prompt, cache=cache)[:, -1], axis=-1)
+    mx.eval(y)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.async_eval(y)
+    mx.eval(y)
+    t2 = time.perf_counter()
+    return {"prefill_tps": prompt_len / (t1 - t0), "decode_tps": new_tokens / (t2 - t1)}
+
+
+def bytes_per_token(model, context: int) -> int:
+    """Weights read for one decoded token (one embedding row, all else whole) plus the
+    KV cache at ``context`` tokens."""
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for path, a in tree_flatten(model.parameters()):
+        total += a.nbytes // a.shape[0] if path.startswith("model.embed_tokens") else a.nbytes
+    args = model.args
+    head_dim = args.hidden_size // args.num_attention_heads
+    total += 2 * args.num_hidden_layers * args.num_key_value_heads * context * head_dim * 2
+    return total
+
+
+def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128) -> dict:
+    """mlx-lm's ops vs JANG's routes (kernels.ROUTES, plus any JANG_ENABLE'd) on one model."""
+    import os
+
+    from .kernels import ROUTES, _ENABLED
+    from .layers import adopt_all
+
+    bw = copy_bandwidth()
+    rows = []
+    for name in models:
+        for b in bits:
+            model = random_llama(name, b)
+            os.environ["JANG_KERNELS"] = "reference"
+            base = decode_speed(model, prompt_len, new_tokens)  # mlx-lm's modules and ops
+            adopt_all(model)
+            os.environ.pop("JANG_KERNELS")
+            jang = decode_speed(model, prompt_len, new_tokens)
+            nbytes = bytes_per_token(model, prompt_len + new_tokens // 2)
+            limit_tps = (bw / 2) / nbytes  # copy bandwidth counts read + write; a token only reads
+            rows.append({"model": name, "bits": b, "bytes_per_token": nbytes, "limit_tps": limit_tps,
+                         "mlx": base, "jang": jang})
+            print(f"{name} {b}-bit: mlx-lm {base['decode_tps']:.1f} tok/s, JANG {jang['decode_tps']:.1f} tok/s "
+                  f"(limit {limit_tps:.1f}); prefill {base['prefill_tps']:.0f} vs {jang['prefill_tps']:.0f} tok/s",
+                  flush=True)
+            del model
+    return {"device": device_name(), "mlx": mx.__version__, "copy_GBps": bw / 1e9, "prompt": prompt_len,
+            "new_tokens": new_tokens, "routes": ROUTES.get("cuda"), "enabled": sorted(_ENABLED), "rows": rows}
+
+
+def decode_markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}, MLX {result['mlx']}; copy bandwidth {result['copy_GBps']:.0f} GB/s. "
+             f"Prompt {result['prompt']} random tokens, then {result['new_tokens']} greedy tokens; same quantized "
+             "weights (mlx-lm's `nn.quantize`, group 64), mlx-lm's ops vs JANG's kernels. Bandwidth limit = "
+             "bytes read per token / (copy bandwidth / 2).", "",
+             "| model (random weights) | bits | MB read / token | mlx-lm decode tok/s | JANG decode tok/s | speed-up | "
+             "JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        m, j = r["mlx"], r["jang"]
+        lines.append(f"| {r['model']} | {r['bits']} | {r['bytes_per_token'] / 1e6:.0f} | {m['decode_tps']:.1f} | "
+                     f"{j['decode_tps']:.1f} | {j['decode_tps'] / m['decode_tps']:.2f}x | "
+                     f"{j['decode_tps'] / r['limit_tps']:.0%} | {m['prefill_tps']:.0f} | {j['prefill_tps']:.0f} |")
+    return "\n".join(lines) + "\n"

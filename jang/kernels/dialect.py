@@ -1,0 +1,205 @@
+"""One kernel body, two GPU dialects.
+
+Each kernel is written once (``src/*.body``, plus the shared helpers in
+``src/common.inc``) in a small neutral vocabulary; a per-dialect table of words
+and a prelude turn it into CUDA (``mx.fast.cuda_kernel``) or Metal
+(``mx.fast.metal_kernel``). Apple SIMD-groups and NVIDIA warps are both 32
+lanes, so one algorithm fits both.
+
+The built-in names are substituted textually rather than hidden behind macros:
+MLX's Metal generator adds ``[[thread_index_in_simdgroup]]``-style arguments
+only for the names it finds in the body's text.
+"""
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+SRC = Path(__file__).parent / "src"
+
+# neutral word -> its spelling per dialect
+TOKENS = {
+    "cuda": {
+        "THREAD": "int(threadIdx.x)",
+        "BLOCK_X": "int(blockIdx.x)",
+        "BLOCK_Y": "int(blockIdx.y)",
+        "BLOCK_Z": "int(blockIdx.z)",
+        "LANE": "int(threadIdx.x & 31)",
+        "WARP": "int(threadIdx.x >> 5)",
+        "BARRIER": "__syncthreads()",
+        "WARP_BARRIER": "__syncwarp()",
+        "SHARED": "__shared__",  # a threadgroup-memory declaration
+        "TG": "",  # the address space in a pointer to threadgroup memory
+        "GLOBAL": "",  # ... to device memory
+        "LOCAL": "",  # ... to a thread's own registers / stack
+    },
+    "metal": {
+        "THREAD": "int(thread_position_in_threadgroup.x)",
+        "BLOCK_X": "int(threadgroup_position_in_grid.x)",
+        "BLOCK_Y": "int(threadgroup_position_in_grid.y)",
+        "BLOCK_Z": "int(threadgroup_position_in_grid.z)",
+        "LANE": "int(thread_index_in_simdgroup)",
+        "WARP": "int(simdgroup_index_in_threadgroup)",
+        "BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
+        "WARP_BARRIER": "simdgroup_barrier(mem_flags::mem_threadgroup)",
+        "SHARED": "threadgroup",
+        "TG": "threadgroup",
+        "GLOBAL": "device",
+        "LOCAL": "thread",
+    },
+}
+
+# What differs beyond spelling: warp reductions, float bit casts, zero vectors and
+# the 16x16x16 matrix-unit tile (CUDA mma.sync PTX; Metal four 8x8 simdgroup matrices).
+PRELUDE = {
+    "cuda": r"""
+inline float jg_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+inline float jg_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+inline float jg_bits_float(uint32_t v) { return __uint_as_float(v); }
+inline uint4 jg_zero4() { return make_uint4(0u, 0u, 0u, 0u); }
+inline float jg_exp(float v) { return __expf(v); }
+inline float jg_rsqrt(float v) { return rsqrtf(v); }
+inline float jg_cos(float v) { return cosf(v); }
+inline float jg_sin(float v) { return sinf(v); }
+
+// A 16x16x16 tile on the tensor cores as two mma.sync m16n8k16 (fp32 accumulate),
+// fragments read from threadgroup memory with 32-bit loads in the PTX ISA's layout:
+// lane = 4 * group + t holds A rows {group, group + 8}, k columns {2t, 2t+1, 2t+8, 2t+9};
+// B (stored n-major, p[n * ld + k]) column group, k rows likewise; C rows {group,
+// group + 8}, columns {2t, 2t + 1} of each 8-wide half. (No <mma.h>: NVRTC setups
+// without the toolkit's crt headers compile this too.)
+template <typename U>
+struct jg_afrag { uint32_t r[4]; };
+template <typename U>
+struct jg_bfrag { uint32_t r[2][2]; };
+struct jg_acc { float c[2][4]; };
+inline void jg_acc_zero(jg_acc& a) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) for (int i = 0; i < 4; i++) a.c[h][i] = 0.0f;
+}
+inline uint32_t jg_ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+template <typename U>
+inline void jg_load_a(jg_afrag<U>& a, const U* p, int ld) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  a.r[0] = jg_ld32(p + g * ld + 2 * t);
+  a.r[1] = jg_ld32(p + (g + 8) * ld + 2 * t);
+  a.r[2] = jg_ld32(p + g * ld + 2 * t + 8);
+  a.r[3] = jg_ld32(p + (g + 8) * ld + 2 * t + 8);
+}
+template <typename U>
+inline void jg_load_b(jg_bfrag<U>& b, const U* p, int ld) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    b.r[h][0] = jg_ld32(p + (8 * h + g) * ld + 2 * t);
+    b.r[h][1] = jg_ld32(p + (8 * h + g) * ld + 2 * t + 8);
+  }
+}
+template <typename U> struct jg_mma_op;
+template <> struct jg_mma_op<__half> {
+  static inline void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <> struct jg_mma_op<__nv_bfloat16> {
+  static inline void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <typename U>
+inline void jg_mma(jg_acc& c, const jg_afrag<U>& a, const jg_bfrag<U>& b) {
+  jg_mma_op<U>::run(c.c[0], a.r, b.r[0]);
+  jg_mma_op<U>::run(c.c[1], a.r, b.r[1]);
+}
+inline void jg_acc_store(const jg_acc& c, float* p, int ld) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    p[g * ld + 8 * h + 2 * t] = c.c[h][0];
+    p[g * ld + 8 * h + 2 * t + 1] = c.c[h][1];
+    p[(g + 8) * ld + 8 * h + 2 * t] = c.c[h][2];
+    p[(g + 8) * ld + 8 * h + 2 * t + 1] = c.c[h][3];
+  }
+}
+""",
+    "metal": r"""
+#include <metal_stdlib>
+using namespace metal;
+inline float jg_warp_sum(float v) { return simd_sum(v); }
+inline float jg_warp_max(float v) { return simd_max(v); }
+inline float jg_bits_float(uint32_t v) { return as_type<float>(v); }
+inline uint4 jg_zero4() { return uint4(0u); }
+inline float jg_exp(float v) { return fast::exp(v); }
+inline float jg_rsqrt(float v) { return metal::rsqrt(v); }
+inline float jg_cos(float v) { return metal::precise::cos(v); }
+inline float jg_sin(float v) { return metal::precise::sin(v); }
+
+template <typename U>
+struct jg_afrag { simdgroup_matrix<U, 8, 8> m[2][2]; };
+template <typename U>
+struct jg_bfrag { simdgroup_matrix<U, 8, 8> m[2][2]; };
+struct jg_acc { simdgroup_matrix<float, 8, 8> m[2][2]; };
+inline void jg_acc_zero(thread jg_acc& a) {
+  for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) a.m[i][j] = simdgroup_matrix<float, 8, 8>(0.0f);
+}
+template <typename U>
+inline void jg_load_a(thread jg_afrag<U>& a, const threadgroup U* p, int ld) {
+  for (int i = 0; i < 2; i++) for (int k = 0; k < 2; k++) simdgroup_load(a.m[i][k], p + i * 8 * ld + k * 8, ld);
+}
+template <typename U>
+inline void jg_load_b(thread jg_bfrag<U>& b, const threadgroup U* p, int ld) {
+  for (int k = 0; k < 2; k++) for (int j = 0; j < 2; j++)
+    simdgroup_load(b.m[k][j], p + j * 8 * ld + k * 8, ld, ulong2(0, 0), true);
+}
+template <typename U>
+inline void jg_mma(thread jg_acc& c, const thread jg_afrag<U>& a, const thread jg_bfrag<U>& b) {
+  for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) for (int k = 0; k < 2; k++)
+    simdgroup_multiply_accumulate(c.m[i][j], a.m[i][k], b.m[k][j], c.m[i][j]);
+}
+inline void jg_acc_store(const thread jg_acc& c, threadgroup float* p, int ld) {
+  for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) simdgroup_store(c.m[i][j], p + i * 8 * ld + j * 8, ld);
+}
+""",
+}
+
+_WORD = re.compile(r"\b(" + "|".join(TOKENS["cuda"]) + r")\b")
+
+
+def translate(text: str, dialect: str) -> str:
+    table = TOKENS[dialect]
+    return _WORD.sub(lambda m: table[m.group(1)], text)
+
+
+@lru_cache(maxsize=None)
+def body(name: str) -> str:
+    return (SRC / f"{name}.body").read_text()
+
+
+@lru_cache(maxsize=None)
+def header(dialect: str) -> str:
+    return PRELUDE[dialect] + translate((SRC / "common.inc").read_text(), dialect)
+
+
+@lru_cache(maxsize=None)
+def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True):
+    """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once)."""
+    import mlx.core as mx
+
+    src = translate(body(name), dialect)
+    if dialect == "cuda":
+        return mx.fast.cuda_kernel(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
+                                   source=src, header=header(dialect), ensure_row_contiguous=contiguous)
+    return mx.fast.metal_kernel(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
+                                source=src, header=header(dialect), ensure_row_contiguous=contiguous)

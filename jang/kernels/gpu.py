@@ -1,0 +1,146 @@
+"""Python side of the fused GPU kernels: shapes, launch geometry, and which inputs
+each kernel accepts. The bodies live in ``src/``; ``dialect.py`` builds them for
+CUDA or Metal. Every function here computes exactly what its ``reference`` twin
+computes (``tests/test_kernels_gpu.py`` checks it on every bit width, group size
+and dtype).
+"""
+
+import math
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import dialect
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+HALF = (mx.float16, mx.bfloat16)
+
+# Launch shapes; the benchmark (jang bench kernels) sweeps these and the defaults are
+# its winners on the H100 (docs/kernels.md).
+QMV = {"R": 2, "U": 2, "WARPS": 4, "MT": 4}
+QMM = {"WM": 2, "WN": 2, "FM": 2, "FN": 2}
+QMV_MAX_M = 8  # up to this many tokens a GEMV re-reads the weights per block of MT
+# Below this many weights a launch costs more on the host (MLX's per-op work) than on
+# the GPU, and MLX's own op, with less host work, wins (SmolLM2-135M decode, H100).
+FUSED_MIN_WEIGHTS = 1 << 22
+
+
+def _dialect() -> str:
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def supports_affine(x, w, scales, biases, group_size, bits, mode="affine") -> bool:
+    """The layouts the dequant kernels read: affine, with biases, whole 32-code chunks,
+    16-bit activations and scales."""
+    return (mode == "affine" and biases is not None and bits in BITS and group_size in GROUP_SIZES
+            and x.dtype in HALF and scales.dtype == x.dtype and x.shape[-1] % 32 == 0
+            and w.shape[-1] * 32 // bits == x.shape[-1] and w.ndim == 2)
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+@lru_cache(maxsize=None)
+def _qmv_launch(M, N, bits, group_size, dtype, R, U, WARPS, MT):
+    """Kernel object, template and geometry for one GEMV shape: computed once, since at
+    decode the host's per-launch work is what separates a fast kernel from a fast model."""
+    mt = min(MT, M)
+    template = (("T", dtype), ("BITS", bits), ("GS", group_size), ("R", R), ("MT", mt), ("U", U), ("WARPS", WARPS))
+    grid = (math.ceil(N / (WARPS * R)) * WARPS * 32, math.ceil(M / mt), 1)
+    kern = dialect.kernel("qmv", ("x", "w", "scales", "biases"), ("out",), _dialect())
+    return kern, list(template), grid, (WARPS * 32, 1, 1)
+
+
+def qmv(x, w, scales, biases, group_size, bits, config=None):
+    """Dequant + GEMV for a few tokens: x (..., K) -> (..., N)."""
+    c = QMV if config is None else {**QMV, **config}
+    N = w.shape[0]
+    kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], N, bits, group_size, x.dtype,
+                                           c["R"], c["U"], c["WARPS"], c["MT"])
+    return kern(inputs=[x, w, scales, biases], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+def qmm(x, w, scales, biases, group_size, bits, config=None):
+    """Dequant + GEMM on the matrix units for many tokens: x (..., K) -> (..., N)."""
+    c = {**QMM, **(config or {})}
+    x2 = _flat(x)
+    M, N = x2.shape[0], w.shape[0]
+    bm, bn, nt = c["WM"] * c["FM"] * 16, c["WN"] * c["FN"] * 16, c["WM"] * c["WN"] * 32
+    k = dialect.kernel("qmm", ("x", "w", "scales", "biases"), ("out",), _dialect())
+    (y,) = k(inputs=[x2, w, scales, biases],
+             template=[("T", x.dtype), ("BITS", bits), ("GS", group_size)] + [(n, c[n]) for n in ("WM", "WN", "FM", "FN")],
+             grid=(math.ceil(N / bn) * nt, math.ceil(M / bm), 1), threadgroup=(nt, 1, 1),
+             output_shapes=[(M, N)], output_dtypes=[x.dtype])
+    return y.reshape(*x.shape[:-1], N)
+
+
+def qgather(ids, w, scales, biases, group_size, bits, dtype):
+    """Dequantized rows ``ids`` of a quantized matrix: ids (...,) -> (..., K)."""
+    flat = ids.reshape(-1)
+    if flat.dtype not in (mx.int32, mx.uint32):
+        flat = flat.astype(mx.int32)
+    T, K = flat.shape[0], w.shape[-1] * 32 // bits
+    k = dialect.kernel("qgather", ("ids", "w", "scales", "biases"), ("out",), _dialect())
+    (y,) = k(inputs=[flat, w, scales, biases], template=[("T", dtype), ("BITS", bits), ("GS", group_size)],
+             grid=(math.ceil(T * K // 32 / 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+             output_shapes=[(T, K)], output_dtypes=[dtype])
+    return y.reshape(*ids.shape, K)
+
+
+def dequant_matmul(x, w, scales, biases, group_size, bits):
+    """Prefill as dequantize-then-GEMM: the dense weights go through the BLAS matmul
+    (cuBLAS on CUDA), which wins once enough tokens share each weight read."""
+    dense = qgather(mx.arange(w.shape[0]), w, scales, biases, group_size, bits, x.dtype)
+    return x @ dense.T
+
+
+@lru_cache(maxsize=None)
+def _swiglu_launch(M, N, bits, group_size, dtype, warps, mt):
+    mt = min(mt, M)
+    kern = dialect.kernel("swiglu", ("x", "wg", "sg_", "bg_", "wu", "su_", "bu_"), ("out",), _dialect())
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("MT", mt), ("WARPS", warps)]
+    return kern, template, (math.ceil(N / warps) * warps * 32, math.ceil(M / mt), 1), (warps * 32, 1, 1)
+
+
+def swiglu(x, gate, up, group_size, bits, warps=4, mt=4):
+    """silu(x @ Wg.T) * (x @ Wu.T) in one launch; gate and up are (w, scales, biases)."""
+    N = gate[0].shape[0]
+    kern, template, grid, tg = _swiglu_launch(x.size // x.shape[-1], N, bits, group_size, x.dtype, warps, mt)
+    return kern(inputs=[x, *gate, *up], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+def rope_inv_freq(dims: int, base: float, scale: float = 1.0, freqs=None):
+    """Per-pair angular speeds as mx.fast.rope uses them, with the position scale folded in."""
+    if freqs is not None:
+        return (scale / freqs).astype(mx.float32)
+    return (scale * base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)).astype(mx.float32)
+
+
+def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=4):
+    """x (B, L, H, D): RMSNorm over D, then (with inv_freq) RoPE at positions offset + l and
+    the transpose to (B, H, L, D). Without inv_freq: a plain RMSNorm, same layout."""
+    B, L, H, D = x.shape
+    rope = inv_freq is not None
+    inv = inv_freq if rope else mx.zeros((D // 2,), mx.float32)
+    k = dialect.kernel("norm_rope", ("x", "weight", "inv_freq", "offset", "eps"), ("out",), _dialect())
+    rows = B * L * H
+    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, mx.array([offset], mx.int32), mx.array([eps], mx.float32)],
+             template=[("T", x.dtype), ("D", D), ("ROPE", rope), ("TRADITIONAL", traditional), ("WARPS", warps)],
+             grid=(math.ceil(rows / warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
+             output_shapes=[(B, H, L, D) if rope else (B, L, H, D)], output_dtypes=[x.dtype])
+    return y
+
+
+def attention(q, k, v, scale, window=0, warps=4):
+    """Causal GQA attention: q (B, Hq, L, D), k/v (B, Hkv, S, D), any strides -> (B, Hq, L, D)."""
+    B, Hq, L, D = q.shape
+    kern = dialect.kernel("attention", ("q", "k", "v", "scale"), ("out",), _dialect(), contiguous=False)
+    (y,) = kern(inputs=[q, k, v, mx.array([scale], mx.float32)],
+                template=[("T", q.dtype), ("D", D), ("WINDOW", window), ("WARPS", warps)],
+                grid=(Hq * warps * 32, L, B), threadgroup=(warps * 32, 1, 1),
+                output_shapes=[(B, Hq, L, D)], output_dtypes=[q.dtype])
+    return y
