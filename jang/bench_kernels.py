@@ -111,62 +111,69 @@ def _nbytes(*arrays):
     return sum(a.nbytes for a in arrays)
 
 
+def _random_quantized(n, k, gs, bits, dtype):
+    """(w, scales, biases) of a random (n, k) matrix, seeded by its bit width."""
+    mx.random.seed(bits)
+    one = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
+    mx.eval(one)
+    return one
+
+
+def _rotating(arrays: tuple) -> list:
+    """Copies of arrays enough to overflow the L2 when launches cycle through them."""
+    sets = [arrays] + [tuple(a + 0 for a in arrays) for _ in range(sets_for(_nbytes(*arrays)) - 1)]
+    mx.eval(sets)
+    return sets
+
+
+def _sweep(row: dict, key: str, configs, make_calls_for, launches=64) -> dict:
+    """Measure each launch config; copy the fastest one's times into row under key and
+    return that config."""
+    trials = []
+    for config in configs:
+        trial = {}
+        trials.append((measure(trial, key, make_calls_for(config), launches), trial, config))
+    _, trial, config = min(trials, key=lambda t: t[0])
+    row.update(trial)
+    row[key + "_sweep"] = [{"config": c, **t} for _, t, c in trials]
+    return config
+
+
 # ---------------------------------------------------------------- cases
 
 def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,)):
     rows = []
     for bits in bits_list:
-        mx.random.seed(bits)
-        w0 = mx.random.normal((n, k)).astype(dtype)
-        one = mx.quantize(w0, group_size=gs, bits=bits)
-        del w0
-        per = _nbytes(*one)
-        sets = [one] + [tuple(a + 0 for a in one) for _ in range(sets_for(per) - 1)]
-        mx.eval(sets)
+        sets = _rotating(_random_quantized(n, k, gs, bits, dtype))
         x = mx.random.normal((1, k)).astype(dtype)
-        moved = per + x.nbytes + n * x.itemsize
         row = {"kernel": "qmv", "shape": f"1x{k} @ {n}x{k}", "bits": bits, "group": gs, "dtype": str(dtype).split(".")[-1],
-               "bytes": moved}
+               "bytes": _nbytes(*sets[0]) + x.nbytes + n * x.itemsize}
         measure(row, "mlx", lambda: [lambda s=s: reference.quantized_matmul(x, *s, gs, bits) for s in sets])
-        sweep = []
-        for config in configs:
-            trial = {}
-            sweep.append((measure(trial, "jang", lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, config) for s in sets]),
-                          trial, config))
-        _, trial, config = min(sweep, key=lambda t: t[0])
-        row.update({**trial, "config": {**gpu.QMV, **(config or {})},
-                    "sweep": [{"config": c, **t} for _, t, c in sweep]})
+        config = _sweep(row, "jang", configs,
+                        lambda c: lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, c) for s in sets])
+        row["config"] = {**gpu.QMV, **(config or {})}
         if n == k:
             # Each launch reads the previous one's output: nothing overlaps, so the GPU time
             # is the kernel's own and the wall time is kernel + launch gap.
             measure(row, "mlx_chain", lambda: [_chain(lambda v, s: reference.quantized_matmul(v, *s, gs, bits), x, sets)], 1)
             measure(row, "jang_chain", lambda: [_chain(lambda v, s: gpu.qmv(v, *s, gs, bits, config), x, sets)], 1)
         rows.append(row)
-        del sets, one
+        del sets
     return rows
 
 
 def qmm_cases(bits_list, m=512, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,)):
     rows = []
     for bits in bits_list:
-        mx.random.seed(bits)
-        w0 = mx.random.normal((n, k)).astype(dtype)
-        one = mx.quantize(w0, group_size=gs, bits=bits)
-        del w0
+        one = _random_quantized(n, k, gs, bits, dtype)
         x = mx.random.normal((m, k)).astype(dtype)
-        mx.eval(one, x)
-        moved = _nbytes(*one) + x.nbytes + m * n * x.itemsize
         row = {"kernel": "qmm", "shape": f"{m}x{k} @ {n}x{k}", "bits": bits, "group": gs,
-               "dtype": str(dtype).split(".")[-1], "bytes": moved, "flops": 2 * m * n * k}
+               "dtype": str(dtype).split(".")[-1], "bytes": _nbytes(*one) + x.nbytes + m * n * x.itemsize,
+               "flops": 2 * m * n * k}
         measure(row, "mlx", lambda: [lambda: reference.quantized_matmul(x, *one, gs, bits)], launches=16)
         measure(row, "dequant", lambda: [lambda: gpu.dequant_matmul(x, *one, gs, bits)], launches=16)
-        sweep = []
-        for config in configs:
-            trial = {}
-            sweep.append((measure(trial, "fused", lambda: [lambda: gpu.qmm(x, *one, gs, bits, config)], launches=16),
-                          trial, config))
-        _, trial, config = min(sweep, key=lambda t: t[0])
-        row.update({**trial, "config": {**gpu.QMM, **(config or {})}})
+        config = _sweep(row, "fused", configs, lambda c: lambda: [lambda: gpu.qmm(x, *one, gs, bits, c)], launches=16)
+        row["config"] = {**gpu.QMM, **(config or {})}
         # JANG's prefill path is the faster of its two: fused tensor-core GEMM or dequant + cuBLAS
         fused_won = _best(row, "fused") <= _best(row, "dequant")
         row["jang_path"] = "fused" if fused_won else "dequant"
@@ -182,8 +189,7 @@ def swiglu_cases(bits_list, n=14336, k=4096, gs=64, dtype=mx.float16):
         gate = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
         up = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=gs, bits=bits)
         per = _nbytes(*gate, *up)
-        sets = [(gate, up)] + [(tuple(a + 0 for a in gate), tuple(a + 0 for a in up)) for _ in range(sets_for(per) - 1)]
-        mx.eval(sets)
+        sets = [(s[:3], s[3:]) for s in _rotating((*gate, *up))]
         x = mx.random.normal((1, k)).astype(dtype)
 
         def mlx_path(g, u):
