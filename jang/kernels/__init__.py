@@ -88,7 +88,7 @@ def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
         prefill = route("prefill", "mlx")
         if tokens > gpu.QMV_MAX_M and prefill == "qmm":
             return gpu.qmm(x, w, scales, biases, group_size, bits)
-        if tokens > gpu.QMV_MAX_M and prefill == "dequant":
+        if tokens >= gpu.DEQUANT_MIN_M and prefill == "dequant":
             return gpu.dequant_matmul(x, w, scales, biases, group_size, bits)
     return reference.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
 

@@ -24,6 +24,9 @@ QMV_MAX_M = 8  # up to this many tokens a GEMV re-reads the weights per block of
 # Below this many weights a launch costs more on the host (MLX's per-op work) than on
 # the GPU, and MLX's own op, with less host work, wins (SmolLM2-135M decode, H100).
 FUSED_MIN_WEIGHTS = 1 << 22
+# Dequantize + cuBLAS was measured at 512 tokens (1.8-3.2x MLX's quantized_matmul); it
+# costs a full dequantization per call, so fewer tokens stay on MLX's op until measured.
+DEQUANT_MIN_M = 512
 
 
 def _dialect() -> str:
