@@ -97,7 +97,13 @@ def test_choose_group_size():
     ("model.layers.0.mlp.shared_expert_gate", "router"),
     ("model.layers.0.block_sparse_moe.gate", "router"),
     ("model.layers.0.linear_attn.in_proj_qkvz", "linear_attn_in"),
+    ("model.layers.0.linear_attn.in_proj_ba", "linear_attn_gate"),
+    ("model.layers.0.linear_attn.out_proj", "linear_attn_out"),
     ("backbone.layers.0.mixer.in_proj", "ssm_in"),
+    ("backbone.layers.0.mixer.x_proj", "ssm_x"),
+    ("backbone.layers.0.mixer.dt_proj", "ssm_dt"),
+    ("backbone.layers.0.mixer.out_proj", "ssm_out"),
+    ("model.layers.0.self_attn.embed_q", "attn_kv_latent"),
     ("model.embed_tokens", "embed"),
     ("lm_head", "lm_head"),
 ])
