@@ -66,7 +66,13 @@ def role_rows(model_folder, profile: str = "JANG_4M"):
     return float_folder_rows(folder, profile), profile.name
 
 
+def _natural(path: str):
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in path.split(".")]
+
+
 def format_rows(rows: list, source: str) -> str:
+    rows = sorted(rows, key=lambda r: _natural(r.path))
     width = max([len(r.path) for r in rows] + [24]) + 2
     out = [f"{'tensor':<{width}}{'role':<18}{'bits (' + source + ')':<20}shape"]
     for r in rows:
