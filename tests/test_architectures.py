@@ -39,7 +39,7 @@ GATED_DELTA = {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_k
                "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2,
                "partial_rotary_factor": 0.25}
 # Multi-head latent attention; layer 0 dense MLP, layer 1 routed + shared experts.
-MLA = {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 16,
+MLA = {"num_key_value_heads": 4, "kv_lora_rank": 64, "q_lora_rank": 32, "qk_rope_head_dim": 16,
        "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 4, "n_shared_experts": 1,
        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "moe_layer_freq": 1}
 
@@ -238,3 +238,18 @@ def test_config_missing_keys_for_a_known_architecture(tmp_path, smollm2_float):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*state_size"):
         jang.convert(str(src), tmp_path / "out", "JANG_4M", progress=False)
+
+
+@pytest.mark.parametrize("method", ["mse", "gptq"])
+def test_mla_per_head_matrices_with_calibrated_methods(tmp_path, smollm2_float, method):
+    """DeepSeek-V3 calls embed_q transposed in prefill, so its inputs run along the
+    weight's output axis (kv_lora_rank 64, not qk_nope 32): mse and gptq still quantize it,
+    without activation weights (they would not fit)."""
+    from mlx_lm.models.mla import QuantizedMultiLinear
+
+    src = make_tiny_model(tmp_path / "deepseek_v3", family_config("deepseek_v3"), smollm2_float)
+    model, _ = mlx_utils.load_model(src, lazy=True)
+    plan = jang.quantize(model, "JANG_4M", method=method, calibration=calibration_chunks(), progress=False)
+    assert plan["model.layers.0.self_attn.embed_q"].method == "mse"
+    assert isinstance(model.model.layers[0].self_attn.embed_q, QuantizedMultiLinear)
+    assert mx.all(mx.isfinite(model(mx.array([PROMPT])))).item()
