@@ -48,7 +48,8 @@ def cmd_inspect(args):
     config = json.loads((folder / "config.json").read_text())
     records, tensors = validate_folder(folder, config)
     if not records:
-        raise JangError(f"{folder}: no JANG records in the shard headers; not a JANG folder.")
+        raise JangError(f"{folder}: no JANG records in the shard headers; not a JANG folder "
+                        f"(--roles shows how a float folder would be quantized).")
     summary = bit_stats(records, tensors)
     if args.json:
         print(json.dumps({"records": records, **summary}, indent=2))
