@@ -252,4 +252,9 @@ def test_mla_per_head_matrices_with_calibrated_methods(tmp_path, smollm2_float, 
     plan = jang.quantize(model, "JANG_4M", method=method, calibration=calibration_chunks(), progress=False)
     assert plan["model.layers.0.self_attn.embed_q"].method == "mse"
     assert isinstance(model.model.layers[0].self_attn.embed_q, QuantizedMultiLinear)
-    assert mx.all(mx.isfinite(model(mx.array([PROMPT])))).item()
+    logits = model(mx.array([PROMPT]))
+    assert mx.all(mx.isfinite(logits)).item()
+    # for_evaluation dequantizes them too (mlx-lm's dequantize_model does not), same numbers
+    for_evaluation(model)
+    assert not any("scales" in m for _, m in model.named_modules())
+    assert mx.allclose(model(mx.array([PROMPT])), logits.astype(mx.float32), atol=5e-2, rtol=5e-2)
