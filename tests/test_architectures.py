@@ -153,7 +153,7 @@ def test_family_roles_convert_load_generate(family, tmp_path, smollm2_float, ref
 
     # A named profile: every tensor gets its role's bits, experts and SSM bulk the MLP's.
     profile = get_profile("JANG_3M")
-    out, summary = jang.convert(str(src), tmp_path / "JANG_3M", "JANG_3M", progress=False)
+    out, _ = jang.convert(str(src), tmp_path / "JANG_3M", "JANG_3M", progress=False)
     records = read_folder(out)[0]
     assert FAMILIES[family][1] <= {r["role"] for r in records.values()}
     for path, r in records.items():
