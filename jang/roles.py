@@ -52,11 +52,11 @@ ROLE_PATTERNS = [
     # Dense MLP.
     (r"(mlp|feed_forward)\.(gate_up_proj)$", "mlp_gate_up"),
     (r"(mlp|feed_forward)\.(gate_proj|w1|fc1)$", "mlp_gate"),
-    (r"(mlp|feed_forward)\.(up_proj|w3)$", "mlp_up"),
-    (r"(mlp|feed_forward)\.(down_proj|w2|fc2|c_proj)$", "mlp_down"),
+    (r"(mlp|feed_forward)\.(up_proj|w3|c_fc|dense_h_to_4h)$", "mlp_up"),  # GPT-2 / NeoX: no gate
+    (r"(mlp|feed_forward)\.(down_proj|w2|fc2|c_proj|dense_4h_to_h)$", "mlp_down"),
     # Vocabulary.
     (r"(embed_tokens|wte|tok_embeddings|embeddings|word_embeddings)$", "embed"),
-    (r"(^|\.)(lm_head|output)$", "lm_head"),
+    (r"(^|\.)(lm_head|output|embed_out)$", "lm_head"),
 ]
 _COMPILED = [(re.compile(p), role) for p, role in ROLE_PATTERNS]
 

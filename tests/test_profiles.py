@@ -106,6 +106,9 @@ def test_choose_group_size():
     ("model.layers.0.self_attn.embed_q", "attn_kv_latent"),
     ("model.embed_tokens", "embed"),
     ("lm_head", "lm_head"),
+    ("model.h.0.mlp.c_fc", "mlp_up"),
+    ("gpt_neox.layers.0.mlp.dense_4h_to_h", "mlp_down"),
+    ("embed_out", "lm_head"),
 ])
 def test_roles(path, role):
     assert classify(path) == role
