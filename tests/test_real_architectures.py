@@ -59,7 +59,7 @@ def test_real_model_at_jang_4m(real, tmp_path):
     assert kl < 0.3 and top1 > 0.6, (kl, top1)  # measured: SmolLM2 KL 0.21, top-1 0.69; Gemma 0.17, 0.69
 
 
-@pytest.mark.slow  # ~1 min (SmolLM2) and ~2.5 min (Gemma) on 2 idle cores: the sensitivity pass
+@pytest.mark.slow  # the sensitivity pass: 2.5 min (SmolLM2), 5.3 min (Gemma) on 2 shared cores
 def test_real_model_at_a_3_bit_budget(real, tmp_path):
     """A 3.5-bit budget (JANG_3K: the size of mlx-lm's uniform 3-bit, as stored). The
     sensitivity pass is the expensive part, so it runs on 256 calibration tokens and
