@@ -76,6 +76,8 @@ def bits_for_role(profile: Profile, role: str) -> Tuple[Optional[int], str]:
     profile_class = PROFILE_CLASS.get(role)
     if profile_class is None:
         return None, f"{role} stays float"
+    if role == "other":
+        return profile.bits_for(profile_class), "no role pattern matched this path; given the MLP bits"
     if profile_class == "embed+lm_head":
         bits = max(profile.embed, profile.lm_head)
         return bits, f"tied embedding and output head: max(embed {profile.embed}, lm_head {profile.lm_head})"

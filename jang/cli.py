@@ -38,11 +38,18 @@ def cmd_convert(args):
 def cmd_inspect(args):
     from .format import bit_stats, require_model_folder, validate_folder
 
+    if args.roles:
+        from .role_report import format_rows, role_rows
+
+        rows, source = role_rows(args.model, args.profile)
+        print(json.dumps([r.__dict__ for r in rows], indent=2) if args.json else format_rows(rows, source))
+        return
     folder = require_model_folder(args.model)
     config = json.loads((folder / "config.json").read_text())
     records, tensors = validate_folder(folder, config)
     if not records:
-        raise JangError(f"{folder}: no JANG records in the shard headers; not a JANG folder.")
+        raise JangError(f"{folder}: no JANG records in the shard headers; not a JANG folder "
+                        f"(--roles shows how a float folder would be quantized).")
     summary = bit_stats(records, tensors)
     if args.json:
         print(json.dumps({"records": records, **summary}, indent=2))
@@ -142,9 +149,14 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="describe a JANG folder from its shard headers",
-                       description="Per-role bits, true average bits and size, read from shard headers alone.")
-    p.add_argument("model", help="JANG folder")
+    p = sub.add_parser("inspect", help="describe a JANG folder from its shard headers; --roles: any model folder",
+                       description="Per-role bits, true average bits and size, read from shard headers alone. "
+                                   "With --roles: every tensor's role and the bits a profile gives it, for a float "
+                                   "Hugging Face folder too (nothing is quantized).")
+    p.add_argument("model", help="JANG folder (any model folder with --roles)")
+    p.add_argument("--roles", action="store_true",
+                   help="print each tensor path -> role -> bits, for a float folder before converting")
+    p.add_argument("--profile", default="JANG_4M", help="with --roles on a float folder: the named profile (JANG_4M)")
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)

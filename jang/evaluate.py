@@ -30,8 +30,27 @@ def for_evaluation(model):
     still, while fp32 matmul goes through BLAS (~150 GFLOP/s with OpenBLAS preloaded).
     Speed is never measured this way; only quality."""
     dequantize_model(model)
+    dequantize_multilinear(model)
     model.set_dtype(mx.float32)
     return model
+
+
+def dequantize_multilinear(model):
+    """MLA's per-head matrices (DeepSeek's embed_q / unembed_out), which mlx-lm's
+    dequantize_model leaves quantized, as float MultiLinear layers."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+
+    swaps = []
+    for path, m in model.named_modules():
+        if isinstance(m, QuantizedMultiLinear):
+            layer = MultiLinear.__new__(MultiLinear)
+            nn.Module.__init__(layer)
+            layer.weight = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size,
+                                         bits=m.bits, mode=m.mode)
+            swaps.append((path, layer))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
 
 
 def log_probs(model, ids, chunk: int = 256):

@@ -8,6 +8,7 @@ take over per backend.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear as _MlxSwitch
 
 from . import kernels
@@ -58,6 +59,9 @@ JANG_CLASS = {
 _FLOAT_TO_JANG = {
     nn.Linear: QuantizedLinear,
     nn.Embedding: QuantizedEmbedding,
+    # MLA's per-head matrices (DeepSeek's embed_q / unembed_out) are multiplied both
+    # ways round (transpose or not); mlx-lm's own quantized class runs them.
+    MultiLinear: QuantizedMultiLinear,
 }
 
 

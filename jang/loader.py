@@ -30,11 +30,20 @@ def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
 
 
 def check_architecture(config: dict, where) -> None:
+    """Raise UnsupportedArchitectureError unless mlx-lm has a model class for config's
+    model_type and config holds the keys that class's ModelArgs needs."""
+    model_type = config.get("model_type")
     try:
-        mlx_utils._get_classes(config)
+        _, args_cls = mlx_utils._get_classes(config)
     except (ValueError, KeyError) as e:
         raise UnsupportedArchitectureError(
-            f"{where}/config.json: model_type {config.get('model_type')!r} is not an architecture mlx-lm knows ({e})."
+            f"{where}/config.json: model_type {model_type!r} is not an architecture mlx-lm knows ({e})."
+        ) from None
+    try:
+        args_cls.from_dict(config)
+    except TypeError as e:  # a required ModelArgs field missing from config.json
+        raise UnsupportedArchitectureError(
+            f"{where}/config.json: mlx-lm's {model_type!r} model cannot be built from this config ({e})."
         ) from None
 
 

@@ -24,6 +24,15 @@ def check_finite(path: str, weight: mx.array):
         raise NonFiniteWeightError(f"Tensor {path}.weight holds {bad} NaN/inf values; refusing to quantize it.")
 
 
+def inputs_along_last_axis(module) -> bool:
+    """Whether the inputs a module is called with run along its weight's last axis, so
+    their energy can weight the quantization error. MLA's per-head MultiLinear is also
+    called transposed (x @ W, DeepSeek's prefill), so its inputs do not: plain MSE."""
+    from mlx_lm.models.mla import MultiLinear
+
+    return not isinstance(module, MultiLinear)
+
+
 def budget_plan(model, bits, tokenizer, method, calibration=None, source=None, progress=True, name=None):
     """A plan for a bit budget from measured sensitivities (see jang.sensitivity)."""
     from .calibration import calibration_chunks
@@ -96,11 +105,12 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
             t.method = "mse"
             t.note = (t.note + "; " if t.note else "") + "gptq not applied to this tensor (not a linear); used mse"
     energy = {}
-    if chunks is not None and any(t.method == "mse" for t in todo):
+    weighted = [t.path for t in todo if t.method == "mse" and inputs_along_last_axis(modules[t.path])]
+    if chunks is not None and weighted:
         from .capture import input_statistics
 
         # measured on the float model, before anything is swapped for a quantized layer
-        energy = input_statistics(model, chunks, [t.path for t in todo if t.method == "mse"])
+        energy = input_statistics(model, chunks, weighted)
 
     gptq_entries = [t for t in todo if t.method == "gptq"]
     if gptq_entries:

@@ -97,9 +97,18 @@ def test_choose_group_size():
     ("model.layers.0.mlp.shared_expert_gate", "router"),
     ("model.layers.0.block_sparse_moe.gate", "router"),
     ("model.layers.0.linear_attn.in_proj_qkvz", "linear_attn_in"),
+    ("model.layers.0.linear_attn.in_proj_ba", "linear_attn_gate"),
+    ("model.layers.0.linear_attn.out_proj", "linear_attn_out"),
     ("backbone.layers.0.mixer.in_proj", "ssm_in"),
+    ("backbone.layers.0.mixer.x_proj", "ssm_x"),
+    ("backbone.layers.0.mixer.dt_proj", "ssm_dt"),
+    ("backbone.layers.0.mixer.out_proj", "ssm_out"),
+    ("model.layers.0.self_attn.embed_q", "attn_kv_latent"),
     ("model.embed_tokens", "embed"),
     ("lm_head", "lm_head"),
+    ("model.h.0.mlp.c_fc", "mlp_up"),
+    ("gpt_neox.layers.0.mlp.dense_4h_to_h", "mlp_down"),
+    ("embed_out", "lm_head"),
 ])
 def test_roles(path, role):
     assert classify(path) == role
