@@ -16,7 +16,6 @@ import struct
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import CorruptShardError, HeaderMismatchError, ModelNotFoundError

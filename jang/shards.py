@@ -23,17 +23,13 @@ from typing import Callable, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .errors import CorruptShardError, JangError
+from .errors import CorruptShardError, JangError, WriteError
 
 SAFETENSORS_DTYPE = {
     mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16",
     mx.uint32: "U32", mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64",
     mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32",
 }
-
-
-class WriteError(JangError, OSError):
-    """Writing the output failed (disk full, permissions); names the file."""
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,13 @@ from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
 
 from .allocate import plan_from_profile
-from .errors import CorruptShardError, JangError
+from .errors import CorruptShardError, JangError, SourceReadError, WriteError
 from .format import FORMAT_VERSION, MAX_SHARD_BYTES, plan_records, shard_metadata, write_config, write_jang_config
 from .paths import move_into_place, resumable_partial_name
 from .progress import Progress
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
-from .shards import Journal, WriteError, TensorSpec, check_readable, layout, write_index, write_shard
+from .shards import Journal, TensorSpec, check_readable, layout, write_index, write_shard
 
 COPIED_FILES = ("generation_config.json",)
 LOCK_NAME = "jang.lock"
@@ -79,16 +79,18 @@ def source_files(source: Path) -> list:
     return files
 
 
-def lazy_weights(files) -> dict:
-    """name -> lazy array over all source shards; nothing is read yet."""
-    weights = {}
+def lazy_weights(files):
+    """(name -> lazy array over all source shards, name -> its file); nothing is read yet."""
+    weights, origin = {}, {}
     for f in files:
         check_readable(f)
         try:
-            weights.update(mx.load(str(f)))
+            shard = mx.load(str(f))
         except (RuntimeError, ValueError) as e:
             raise CorruptShardError(f"{f}: cannot read ({e}).") from None
-    return weights
+        weights.update(shard)
+        origin.update(dict.fromkeys(shard, f))
+    return weights, origin
 
 
 def skeleton(config: dict):
@@ -109,9 +111,9 @@ def split_fused_experts(weights: dict, shapes: dict) -> dict:
         fused = weights.pop(name)
         experts, out, inp = shapes[targets[0]]
         if fused.shape[1] == out * len(targets) and fused.shape[2] == inp:
-            axis = 1  # [E, out, in], as a Linear stores it
+            pass  # [E, out, in], as a Linear stores it (transformers 5)
         elif fused.shape[2] == out * len(targets) and fused.shape[1] == inp:
-            fused, axis = fused.swapaxes(1, 2), 1  # [E, in, out]
+            fused = fused.swapaxes(1, 2)  # [E, in, out] (older fused exports)
         else:
             raise JangError(f"{name}: fused experts of shape {tuple(fused.shape)} fit none of "
                             f"{', '.join(targets)} ({experts}, {out}, {inp}).")
@@ -162,9 +164,19 @@ class Producer:
     """Computes output tensors on demand. A quantized module's weight, scales and
     biases come out of one quantization; the parts not yet written wait here."""
 
-    def __init__(self, weights, quantized, progress):
-        self.weights, self.quantized, self.progress = weights, quantized, progress
+    def __init__(self, weights, quantized, progress, origin):
+        self.weights, self.quantized, self.progress, self.origin = weights, quantized, progress, origin
         self.pending = {}
+
+    def read(self, name):
+        """The source tensor, evaluated: the moment its bytes are read from disk."""
+        a = self.weights[name]
+        try:
+            mx.eval(a)
+        except RuntimeError as e:
+            where = self.origin.get(name) or f"the source shards ({', '.join(sorted({f.name for f in self.origin.values()}))})"
+            raise SourceReadError(f"{where}: reading tensor {name} failed ({e}).") from None
+        return a
 
     def source_bytes(self, name):
         module, _, kind = name.rpartition(".")
@@ -177,11 +189,11 @@ class Producer:
         module, _, kind = name.rpartition(".")
         if module not in self.quantized:
             self.progress.update(self.source_bytes(name), tensor=name)
-            return self.weights[name]
+            return self.read(name)
         if name not in self.pending:
             entry = self.quantized[module]
-            weight = self.weights[f"{module}.weight"]
-            check_finite(module, weight)  # evaluates (reads) the source tensor once
+            weight = self.read(f"{module}.weight")
+            check_finite(module, weight)
             wq, scales, biases = QUANTIZERS[entry.method](weight.astype(storage_dtype(weight.dtype)),
                                                           entry.bits, entry.group_size)
             mx.eval(wq, scales, biases)
@@ -238,7 +250,8 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
     config = mlx_utils.load_config(source)
     files = source_files(source)
     model = skeleton(config)
-    weights = sanitized_weights(model, lazy_weights(files), source)
+    weights, origin = lazy_weights(files)
+    weights = sanitized_weights(model, weights, source)
     plan = plan_from_profile(model, profile, method, group_size)
     records = plan_records(plan)
     specs, quantized = output_specs(weights, plan)
@@ -255,7 +268,7 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
 
         bar = Progress(progress, sum(w.nbytes for w in weights.values()), len(weights),
                        f"converting {source.name} ({plan.profile}, {method})")
-        produce = Producer(weights, quantized, bar)
+        produce = Producer(weights, quantized, bar, origin)
         for name, shard_specs in shards:
             if name in done:
                 bar.skip(sum(produce.source_bytes(s.name) for s in shard_specs),
