@@ -166,11 +166,13 @@ class Producer:
 
     def __init__(self, weights, quantized, progress, origin):
         self.weights, self.quantized, self.progress, self.origin = weights, quantized, progress, origin
+        self.nbytes = {k: w.nbytes for k, w in weights.items()}
         self.pending = {}
 
     def read(self, name):
-        """The source tensor, evaluated: the moment its bytes are read from disk."""
-        a = self.weights[name]
+        """The source tensor, evaluated: the moment its bytes are read from disk. It
+        leaves self.weights, which would otherwise keep every tensor read so far."""
+        a = self.weights.pop(name)
         try:
             mx.eval(a)
         except RuntimeError as e:
@@ -181,8 +183,8 @@ class Producer:
     def source_bytes(self, name):
         module, _, kind = name.rpartition(".")
         if module in self.quantized:
-            return self.weights[f"{module}.weight"].nbytes if kind == "weight" else 0
-        return self.weights[name].nbytes
+            return self.nbytes[f"{module}.weight"] if kind == "weight" else 0
+        return self.nbytes[name]
 
     def __call__(self, name):
         checkpoint()
@@ -199,6 +201,7 @@ class Producer:
             mx.eval(wq, scales, biases)
             self.pending.update({f"{module}.weight": wq, f"{module}.scales": scales, f"{module}.biases": biases})
             self.progress.update(weight.nbytes, tensor=f"{module}.weight")
+            del weight
         return self.pending.pop(name)
 
 
