@@ -75,8 +75,18 @@ def resolve_source(model) -> Path:
 
 
 # Methods that quantize each tensor on its own, so conversion can stream tensor by
-# tensor (jang.stream); the others need calibration passes over the whole model.
+# tensor (jang.stream); gptq streams layer by layer where jang.stream_gptq knows the
+# model's layer calls; mse and budgets need passes over the whole model.
 STREAMING_METHODS = ("rtn",)
+
+
+def streams(method: str, source: Path) -> bool:
+    from .stream_gptq import GPTQ_STREAM_TYPES
+
+    if method in STREAMING_METHODS:
+        return True
+    model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    return method == "gptq" and model_type in GPTQ_STREAM_TYPES
 
 
 def convert(model=None, output=None, profile: str = None, *, bits: float = None, method: str = "rtn",
@@ -98,16 +108,17 @@ def convert(model=None, output=None, profile: str = None, *, bits: float = None,
     label = profile if bits is None else f"{bits:g}bit"
     output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{label}-{method}", force)
     source = resolve_source(model)
-    if bits is None and profile not in BUDGETS and method in STREAMING_METHODS:
+    if bits is None and profile not in BUDGETS and streams(method, source):
         from .stream import stream_convert
 
         summary = stream_convert(source, output, profile, method=method, group_size=group_size, force=force,
                                  resume=resume, progress=progress, source_label=model or DEFAULT_MODEL,
-                                 max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES)
+                                 max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES,
+                                 calibration_files=calibration_files)
         return output, summary
     if resume:
-        raise JangError(f"--resume needs a streaming conversion (a named profile with {', '.join(STREAMING_METHODS)}); "
-                        f"{method} with {label} runs in memory.")
+        raise JangError(f"--resume needs a streaming conversion (a named profile with rtn, or gptq on a dense "
+                        f"llama/mistral/qwen model); {method} with {label} runs in memory.")
     progress = progress is True
     float_model, config = mlx_utils.load_model(source, lazy=True)
     tokenizer = mlx_utils.load_tokenizer(source)

@@ -14,7 +14,7 @@ MODES = ("bar", "json", "none")
 
 
 class Progress:
-    def __init__(self, mode, total_bytes: int, total_tensors: int, desc: str):
+    def __init__(self, mode, total_bytes: int, total_tensors: int, desc: str, unit: str = "B"):
         self.mode = {True: "bar", False: "none", None: "none"}.get(mode, mode)
         if self.mode not in MODES:
             raise ValueError(f"progress must be one of {MODES}, not {mode!r}")
@@ -24,7 +24,7 @@ class Progress:
         self.resumed_bytes = 0
         self.bar = None
         if self.mode == "bar":
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
+            self.bar = tqdm(total=total_bytes, unit=unit, unit_scale=unit == "B", unit_divisor=1000, desc=desc,
                             smoothing=0.1)
 
     def skip(self, nbytes: int, tensors: int):
@@ -32,8 +32,8 @@ class Progress:
         self.resumed_bytes += nbytes
         self._advance(nbytes, tensors, event="resumed")
 
-    def update(self, nbytes: int, tensors: int = 1, **extra):
-        self._advance(nbytes, tensors, event="tensor", **extra)
+    def update(self, nbytes: int, tensors: int = 1, event: str = "tensor", **extra):
+        self._advance(nbytes, tensors, event=event, **extra)
 
     def _advance(self, nbytes, tensors, event, **extra):
         self.bytes += nbytes

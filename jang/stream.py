@@ -40,6 +40,7 @@ from .shards import Journal, TensorSpec, check_readable, layout, write_index, wr
 
 COPIED_FILES = ("generation_config.json",)
 LOCK_NAME = "jang.lock"
+GPTQ_DIR = "gptq"  # quantized tensors of the GPTQ stage, until the shards are written
 
 # Fused 3-D expert tensors some checkpoints carry (transformers 5 writes
 # ``mlp.experts.gate_up_proj`` [E, 2*inter, hidden] and ``mlp.experts.down_proj``
@@ -122,9 +123,13 @@ def split_fused_experts(weights: dict, shapes: dict) -> dict:
     return weights
 
 
-def sanitized_weights(model, weights: dict, where) -> dict:
-    """The source tensors under the model's own parameter names, checked against its tree."""
-    params = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+def param_shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def sanitized_weights(model, weights: dict, where, params: dict) -> dict:
+    """The source tensors under the model's own parameter names, checked against its
+    tree (params: name -> shape, taken before anything changed the model)."""
     weights = split_fused_experts(weights, params)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
@@ -164,8 +169,9 @@ class Producer:
     """Computes output tensors on demand. A quantized module's weight, scales and
     biases come out of one quantization; the parts not yet written wait here."""
 
-    def __init__(self, weights, quantized, progress, origin):
+    def __init__(self, weights, quantized, progress, origin, precomputed=None):
         self.weights, self.quantized, self.progress, self.origin = weights, quantized, progress, origin
+        self.precomputed = precomputed or {}  # name -> quantized part computed earlier (GPTQ)
         self.nbytes = {k: w.nbytes for k, w in weights.items()}
         self.pending = {}
 
@@ -192,6 +198,11 @@ class Producer:
         if module not in self.quantized:
             self.progress.update(self.source_bytes(name), tensor=name)
             return self.read(name)
+        if name not in self.pending and f"{module}.weight" in self.precomputed:
+            self.pending.update({f"{module}.{k}": self.precomputed.pop(f"{module}.{k}")
+                                 for k in ("weight", "scales", "biases")})
+            self.weights.pop(f"{module}.weight")
+            self.progress.update(self.nbytes[f"{module}.weight"], tensor=f"{module}.weight")
         if name not in self.pending:
             entry = self.quantized[module]
             weight = self.read(f"{module}.weight")
@@ -246,32 +257,48 @@ def clear_except(folder: Path, keep):
 # ---------------------------------------------------------------- the pipeline
 
 def stream_convert(source, output, profile, *, method="rtn", group_size=64, force=False, resume=False,
-                   progress=True, max_shard_bytes=MAX_SHARD_BYTES, source_label=None) -> dict:
+                   progress=True, max_shard_bytes=MAX_SHARD_BYTES, source_label=None, calibration_files=None) -> dict:
     """Convert the float Hugging Face folder ``source`` into the JANG folder ``output``
-    tensor by tensor (named profile; methods that need no calibration). Returns jang_config."""
+    tensor by tensor (named profile; rtn, or gptq layer by layer for the model types in
+    jang.stream_gptq.GPTQ_STREAM_TYPES). Returns jang_config."""
     source, output = Path(source), Path(output)
     config = mlx_utils.load_config(source)
     files = source_files(source)
     model = skeleton(config)
+    shapes = param_shapes(model)
     weights, origin = lazy_weights(files)
-    weights = sanitized_weights(model, weights, source)
+    weights = sanitized_weights(model, weights, source, shapes)
     plan = plan_from_profile(model, profile, method, group_size)
-    records = plan_records(plan)
     specs, quantized = output_specs(weights, plan)
     shards = layout(specs, max_shard_bytes)
+    tokenizer = mlx_utils.load_tokenizer(source)
 
     partial = resumable_partial_name(output)
     held = open_partial(partial, resume)
     try:
-        journal = Journal(partial, run_key(source, files, plan.profile, method, group_size, max_shard_bytes))
+        key = run_key(source, files, plan.profile, method, group_size, max_shard_bytes)
+        key["calibration"] = [str(f) for f in calibration_files or []]
+        journal = Journal(partial, key)
         done = journal.completed() if resume else {}
         done = {name: h for name, _ in shards if (h := done.get(name))}
         clear_except(partial, {LOCK_NAME, Journal.NAME, *done})
         journal.start(done, {name: (partial / name).stat().st_size for name in done})
 
+        precomputed = {}
+        if method == "gptq":
+            from .calibration import calibration_chunks
+            from .stream_gptq import gptq_stage
+
+            chunks = calibration_chunks(tokenizer, text_files=calibration_files)
+            stage = Progress(progress, sum(t.quantized for t in plan), sum(t.quantized for t in plan),
+                             f"gptq layer by layer ({plan.profile})", unit="tensor")
+            precomputed = gptq_stage(model, lambda: sanitized_weights(model, lazy_weights(files)[0], source, shapes),
+                                     plan, chunks, partial / GPTQ_DIR, lambda path: stage.update(1, event="gptq", tensor=path))
+            stage.close()
+        records = plan_records(plan)  # after the GPTQ stage: it notes tensors it leaves to mse
         bar = Progress(progress, sum(w.nbytes for w in weights.values()), len(weights),
                        f"converting {source.name} ({plan.profile}, {method})")
-        produce = Producer(weights, quantized, bar, origin)
+        produce = Producer(weights, quantized, bar, origin, precomputed)
         for name, shard_specs in shards:
             if name in done:
                 bar.skip(sum(produce.source_bytes(s.name) for s in shard_specs),
@@ -285,7 +312,8 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
         bar.close(bytes_total=bar.total_bytes)
 
         write_index(partial, shards)
-        tokenizer = mlx_utils.load_tokenizer(source)
+        del precomputed, produce
+        shutil.rmtree(partial / GPTQ_DIR, ignore_errors=True)
         tokenizer.save_pretrained(str(partial))
         for name in COPIED_FILES:
             if (source / name).exists():
