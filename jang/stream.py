@@ -290,10 +290,15 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
             from .stream_gptq import gptq_stage
 
             chunks = calibration_chunks(tokenizer, text_files=calibration_files)
+
+            def gptq_step(path):
+                stage.update(1, event="gptq", tensor=path)
+                checkpoint()
+
             stage = Progress(progress, sum(t.quantized for t in plan), sum(t.quantized for t in plan),
                              f"gptq layer by layer ({plan.profile})", unit="tensor")
             precomputed = gptq_stage(model, lambda: sanitized_weights(model, lazy_weights(files)[0], source, shapes),
-                                     plan, chunks, partial / GPTQ_DIR, lambda path: stage.update(1, event="gptq", tensor=path))
+                                     plan, chunks, partial / GPTQ_DIR, gptq_step)
             stage.close()
         records = plan_records(plan)  # after the GPTQ stage: it notes tensors it leaves to mse
         bar = Progress(progress, sum(w.nbytes for w in weights.values()), len(weights),

@@ -102,19 +102,99 @@ def report(results: dict, path: Path):
     lines += ["", "Largest single source tensor: "
               f"{results['largest_tensor_bytes'] / 1e6:.0f} MB (an MLP projection, 28672 x 8192 bf16).", ""]
     lines += results.get("notes", [])
+    g = results.get("gptq")
+    if g:
+        lines += [
+            "## GPTQ, layer by layer",
+            "",
+            f"Source: {g['source']} — Llama-shaped, random bf16 weights, {g['source_bytes'] / 1e9:.2f} GB, SmolLM2's "
+            f"tokenizer; `jang convert --profile JANG_4M --method gptq` with the default calibration "
+            f"({g['calibration_tokens']} tokens of Jane Austen).",
+            "",
+            "| | |",
+            "| --- | --- |",
+            f"| largest decoder layer's weights (bf16) | {g['largest_layer_bytes'] / 1e6:.0f} MB |",
+            f"| calibration activations (two fp32 streams: quantized and float) | {g['activation_bytes'] / 1e6:.0f} MB |",
+            f"| 2 x largest layer + activations | {(2 * g['largest_layer_bytes'] + g['activation_bytes']) / 1e6:.0f} MB |",
+            f"| largest Hessian (fp32, down_proj input) | {g['largest_hessian_bytes'] / 1e6:.0f} MB |",
+            f"| process baseline (same command on a 2-layer 64-wide model) | {g['baseline_rss_bytes'] / 1e6:.0f} MB |",
+            f"| **peak RSS** | **{g['peak_rss_bytes'] / 1e6:.0f} MB** |",
+            f"| peak RSS above the baseline | {(g['peak_rss_bytes'] - g['baseline_rss_bytes']) / 1e6:.0f} MB |",
+            f"| wall time | {g['wall_s']:.0f} s |",
+            "",
+            "The same command on the in-memory path would hold the whole float model "
+            f"({g['source_bytes'] / 1e9:.2f} GB as bf16, twice that in the fp32 calibration passes).",
+            "",
+        ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def load_results(docs: Path) -> dict:
+    results = json.loads((docs / "scale.json").read_text())
+    if (docs / "scale-gptq.json").exists():
+        results["gptq"] = json.loads((docs / "scale-gptq.json").read_text())
+    return results
+
+
+def measure_gptq(source: Path, work: Path, env, kill) -> dict:
+    """Peak RSS of a streamed GPTQ conversion, beside the numbers it should be bounded by."""
+    from mlx_lm import utils as mlx_utils
+
+    from jang.calibration import calibration_chunks
+    from jang.format import read_folder
+    from jang.stream_gptq import activation_bytes
+
+    config = json.loads((source / "config.json").read_text())
+    _, tensors = read_folder(source)
+    layers = {}
+    for name, t in tensors.items():
+        if name.startswith("model.layers."):
+            key = ".".join(name.split(".")[:3])
+            layers[key] = layers.get(key, 0) + t["nbytes"]
+    chunks = calibration_chunks(mlx_utils.load_tokenizer(source))
+    out = work / "gptq-out"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "jang", "convert", "--model", str(source), "-o", str(out), "--profile", "JANG_4M",
+           "--method", "gptq", "--progress", "json", "--force"]
+    result = run_watched(cmd, kill, work / "gptq.log", env)
+    # the baseline: the same command on a tiny model of the same vocabulary
+    tiny = work / "gptq-tiny"
+    if not tiny.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_big_llama.py"), str(tiny), "--layers", "2",
+                        "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+                        "--tokenizer-from", str(source)], env=env, check=True)
+    base = run_watched([*cmd[:4], str(tiny), "-o", str(work / "gptq-tiny-out"), *cmd[7:]], kill,
+                       work / "gptq-tiny.log", env)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / "gptq-tiny-out", ignore_errors=True)
+    return {"source": str(source), "source_bytes": sum(t["nbytes"] for t in tensors.values()),
+            "largest_layer_bytes": max(layers.values()), "activation_bytes": activation_bytes(chunks, config["hidden_size"]),
+            "largest_hessian_bytes": config["intermediate_size"] ** 2 * 4,
+            "calibration_tokens": sum(len(c) for c in chunks), "peak_rss_bytes": result["peak_rss_bytes"],
+            "baseline_rss_bytes": base["peak_rss_bytes"], "wall_s": result["wall_s"], "returncode": result["returncode"]}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", type=Path)
+    ap.add_argument("source", type=Path, nargs="?", help="the big model (from scripts/make_big_llama.py)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
     ap.add_argument("--kill-gib", type=float, default=20.0)
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--report", action="store_true", help="only rewrite scale.md from docs/scale*.json")
+    ap.add_argument("--gptq", type=Path, default=None, metavar="SOURCE",
+                    help="instead: measure a streamed GPTQ conversion of SOURCE (~1-2 GB) and add it to the report")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     kill = int(args.kill_gib * 2**30)
+    if args.gptq:
+        gptq = measure_gptq(args.gptq, args.work, env, kill)
+        print(json.dumps(gptq, indent=1))
+        (args.docs / "scale-gptq.json").write_text(json.dumps(gptq, indent=1))
+    if args.gptq or args.report:
+        if (args.docs / "scale.json").exists():
+            report(load_results(args.docs), args.docs / "scale.md")
+        return
     config = json.loads((args.source / "config.json").read_text())
     header_sizes = json.loads((args.source / "model.safetensors.index.json").read_text())
     from jang.format import read_folder
@@ -143,7 +223,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
 
     (args.docs / "scale.json").write_text(json.dumps(results, indent=1))
-    report(results, args.docs / "scale.md")
+    report(load_results(args.docs), args.docs / "scale.md")
     print(f"wrote {args.docs / 'scale.md'}")
 
 

@@ -196,3 +196,31 @@ def test_moe_experts_stream_into_switch_layers(tmp_path, smollm2_float, referenc
     assert layer.weight.shape[0] == TINY_QWEN3_MOE["num_experts"] and layer.bits == plan["model.layers.1.mlp.switch_mlp.gate_proj"].bits
     x = mx.array([[5, 6, 7, 8, 9]])
     assert mx.array_equal(model(x), reference(x))
+
+
+# ---------------------------------------------------------------- GPTQ, layer by layer
+
+def test_gptq_streams_layer_by_layer_same_tensors_as_in_memory(tmp_path, tiny_llama):
+    """The streamed GPTQ (one layer's weights + calibration activations in memory) gives
+    the very tensors of jang.quantize's in-memory GPTQ; a kill mid-stage resumes to the
+    same bytes."""
+    out = tmp_path / "out"
+    jang.convert(str(tiny_llama), out, "JANG_4M", method="gptq", progress=False, max_shard_bytes=SHARD)
+    model, _ = mlx_utils.load_model(tiny_llama, lazy=True)
+    plan = jang.quantize(model, "JANG_4M", method="gptq", tokenizer=mlx_utils.load_tokenizer(tiny_llama), progress=False)
+    streamed, _ = jang.load(str(out))
+    a, b = dict(tree_flatten(streamed.parameters())), dict(tree_flatten(model.parameters()))
+    assert a.keys() == b.keys()
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    records = json.loads((out / "config.json").read_text())
+    assert plan["model.layers.1.mlp.down_proj"].method == "gptq"
+    assert "used mse" in plan["model.embed_tokens"].note and records["quantization"]["group_size"] == 64
+
+    resumed = tmp_path / "resumed"
+    r = subprocess.run(convert_cmd(tiny_llama, resumed, "--method", "gptq", "--progress", "none"),
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "JANG_KILL_AT_STEP": "9"})  # in layer 1 of GPTQ
+    assert r.returncode == -9 and not resumed.exists()
+    assert (tmp_path / ".resumed.jang-partial" / "gptq").is_dir()
+    jang.convert(str(tiny_llama), resumed, "JANG_4M", method="gptq", progress=False, resume=True,
+                 max_shard_bytes=SHARD)
+    same_folders(resumed, out)
