@@ -19,7 +19,6 @@ byte-identical to an uninterrupted run.
 """
 
 import fcntl
-import math
 import os
 import shutil
 import signal
@@ -239,7 +238,7 @@ def lock(folder: Path):
 
 
 def open_partial(partial: Path, resume: bool):
-    """(lock file, resuming) for the partial folder, created or cleared as asked."""
+    """The held lock of the partial folder, created (or first cleared, unless resuming)."""
     if partial.exists() and not resume:
         held = lock(partial)  # fails if a live conversion owns it
         shutil.rmtree(partial)
@@ -255,6 +254,24 @@ def clear_except(folder: Path, keep):
 
 
 # ---------------------------------------------------------------- the pipeline
+
+def gptq_precompute(model, plan, tokenizer, calibration_files, spill_dir, progress, fresh_weights) -> dict:
+    """The GPTQ stage (jang.stream_gptq), with its own progress; name -> quantized part."""
+    from .calibration import calibration_chunks
+    from .stream_gptq import gptq_stage
+
+    chunks = calibration_chunks(tokenizer, text_files=calibration_files)
+    n = sum(t.quantized for t in plan)
+    stage = Progress(progress, n, n, f"gptq layer by layer ({plan.profile})", unit="tensor")
+
+    def step(path):
+        stage.update(1, event="gptq", tensor=path)
+        checkpoint()
+
+    precomputed = gptq_stage(model, fresh_weights, plan, chunks, spill_dir, step)
+    stage.close()
+    return precomputed
+
 
 def stream_convert(source, output, profile, *, method="rtn", group_size=64, force=False, resume=False,
                    progress=True, max_shard_bytes=MAX_SHARD_BYTES, source_label=None, calibration_files=None) -> dict:
@@ -286,20 +303,8 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
 
         precomputed = {}
         if method == "gptq":
-            from .calibration import calibration_chunks
-            from .stream_gptq import gptq_stage
-
-            chunks = calibration_chunks(tokenizer, text_files=calibration_files)
-
-            def gptq_step(path):
-                stage.update(1, event="gptq", tensor=path)
-                checkpoint()
-
-            stage = Progress(progress, sum(t.quantized for t in plan), sum(t.quantized for t in plan),
-                             f"gptq layer by layer ({plan.profile})", unit="tensor")
-            precomputed = gptq_stage(model, lambda: sanitized_weights(model, lazy_weights(files)[0], source, shapes),
-                                     plan, chunks, partial / GPTQ_DIR, gptq_step)
-            stage.close()
+            precomputed = gptq_precompute(model, plan, tokenizer, calibration_files, partial / GPTQ_DIR, progress,
+                                          lambda: sanitized_weights(model, lazy_weights(files)[0], source, shapes))
         records = plan_records(plan)  # after the GPTQ stage: it notes tensors it leaves to mse
         bar = Progress(progress, sum(w.nbytes for w in weights.values()), len(weights),
                        f"converting {source.name} ({plan.profile}, {method})")
@@ -341,7 +346,3 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
         held.close()
     return summary
 
-
-def peak_tensor_bytes(weights: dict) -> int:
-    """The largest single source tensor: what one step of the pipeline holds."""
-    return max((math.prod(w.shape) * w.dtype.size for w in weights.values()), default=0)

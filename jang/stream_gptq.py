@@ -16,7 +16,6 @@ Only model types whose decoder layers are all called the same way (x, mask, cach
 stream; others run in memory (jang.convert decides from GPTQ_STREAM_TYPES).
 """
 
-import math
 import shutil
 
 import mlx.core as mx
@@ -181,11 +180,3 @@ def activation_bytes(chunks, hidden: int) -> int:
     """Two fp32 activation streams over all calibration tokens."""
     return 2 * sum(len(c) for c in chunks) * hidden * 4
 
-
-def largest_layer_bytes(weights: dict) -> int:
-    sizes = {}
-    for k, v in weights.items():
-        if k.startswith("model.layers."):
-            layer = ".".join(k.split(".")[:3])
-            sizes[layer] = sizes.get(layer, 0) + math.prod(v.shape) * v.dtype.size
-    return max(sizes.values(), default=0)
