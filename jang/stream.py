@@ -22,6 +22,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -241,6 +242,11 @@ def open_partial(partial: Path, resume: bool):
     """The held lock of the partial folder, created (or first cleared, unless resuming)."""
     if partial.exists() and not resume:
         held = lock(partial)  # fails if a live conversion owns it
+        journal = partial / Journal.NAME
+        shards = len(journal.read_text().splitlines()) - 1 if journal.exists() else 0
+        if shards > 0:
+            print(f"jang: starting over; discarding {shards} completed shard(s) in {partial} "
+                  f"(--resume would have continued them)", file=sys.stderr)
         shutil.rmtree(partial)
         held.close()
     partial.mkdir(parents=True, exist_ok=True)
