@@ -29,12 +29,21 @@ _EXPONENT = {
 }
 
 
+_CHUNK = 1 << 22  # values per step: small temporaries, reused, no page faults
+
+
 def count_non_finite(weight: mx.array) -> int:
     if weight.dtype not in _EXPONENT:
         return (~mx.isfinite(weight)).sum().item()
     view, mask = _EXPONENT[weight.dtype]
-    bits = np.asarray(weight.view(view))
-    return int(np.count_nonzero((bits & mask) == mask))
+    bits = np.asarray(weight.view(view)).reshape(-1)
+    scratch = np.empty(min(_CHUNK, bits.size), bits.dtype)
+    bad = 0
+    for i in range(0, bits.size, _CHUNK):
+        part = scratch[: min(_CHUNK, bits.size - i)]
+        np.bitwise_and(bits[i:i + _CHUNK], mask, out=part)
+        bad += int(np.count_nonzero(part == mask))
+    return bad
 
 
 def check_finite(path: str, weight: mx.array):
