@@ -5,12 +5,18 @@ the same thing whatever the output bits are.
 """
 
 import json
+import resource
 import sys
 import time
 
 from tqdm.auto import tqdm
 
 MODES = ("bar", "json", "none")
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 class Progress:
@@ -50,7 +56,7 @@ class Progress:
             elapsed = time.monotonic() - self.start
             rate = (self.bytes - self.resumed_bytes) / elapsed if elapsed > 0 else 0.0
             left = self.total_bytes - self.bytes
-            self.emit(event=event, tensors_done=self.tensors, tensors_total=self.total_tensors,
+            self.emit(event=event, peak_rss_mb=peak_rss_mb(), tensors_done=self.tensors, tensors_total=self.total_tensors,
                       bytes_done=self.bytes, bytes_total=self.total_bytes, gb_per_s=round(rate / 1e9, 4),
                       eta_s=round(left / rate, 1) if rate > 0 else None, elapsed_s=round(elapsed, 2), **extra)
 
