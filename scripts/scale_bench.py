@@ -94,6 +94,10 @@ def report(results: dict, path: Path):
         f"{j.get('output_bytes', 0) / 1e9:.2f} GB written | {gib(j['peak_rss_bytes'])} | {j['wall_s']:.0f} s | "
         f"{src / 1e9 / j['wall_s']:.3f} |",
     ]
+    e = results.get("jang_earlier")
+    if e:
+        lines.append(f"| the same, before the NaN/inf check was made chunked (same session) | completed | "
+                     f"{gib(e['peak_rss_bytes'])} | {e['wall_s']:.0f} s | {src / 1e9 / e['wall_s']:.3f} |")
     if m:
         outcome = (f"killed by the watchdog at {gib(results['kill_bytes'])} RSS" if m["killed_at_limit"]
                    else "completed" if m["returncode"] == 0 else f"exited {m['returncode']}")
@@ -111,8 +115,8 @@ def report(results: dict, path: Path):
             "- mlx-lm 0.32.2 also loads lazily, so it does not run out of memory here either; it evaluates a whole "
             "~5 GB output shard (and the float sources feeding it) at once, so its peak follows the shard size "
             f"({gib(m['peak_rss_bytes'])}). It cannot resume: a kill means starting over.",
-            "- Both runs shared the 2 cores with another CPU-heavy benchmark (and mlx-lm's with a GPTQ run as well), "
-            "so wall times are noisy; the rate is bounded by MLX's CPU `mx.quantize` (~0.2 GB/s of bf16 per core "
+            "- Every run shared the 2 cores with another engineer's CPU-heavy benchmark, and the second JANG run "
+            "and the mlx-lm run also with a GPTQ conversion, so wall times are noisy; the rate is bounded by MLX's CPU `mx.quantize` (~0.2 GB/s of bf16 per core "
             "here), not by the disk." + (" mlx-lm was measured in an earlier run on the same input." if
                                         results.get("mlx_lm_measured_earlier") else ""),
             "- JANG writes JANG_4M (attention and output head at 6 bits), mlx-lm uniform 4-bit: JANG's output is larger.",
