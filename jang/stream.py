@@ -127,12 +127,14 @@ def param_shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
-def sanitized_weights(model, weights: dict, where, params: dict) -> dict:
+def sanitized_weights(model, weights: dict, where) -> dict:
     """The source tensors under the model's own parameter names, checked against its
-    tree (params: name -> shape, taken before anything changed the model)."""
-    weights = split_fused_experts(weights, params)
+    tree. Call once per model: sanitize may change the model (Gemma drops its
+    lm_head when the checkpoint ties it to the embedding)."""
+    weights = split_fused_experts(weights, param_shapes(model))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    params = param_shapes(model)
     missing = sorted(set(params) - set(weights))
     extra = sorted(set(weights) - set(params))
     if missing or extra:
@@ -288,9 +290,8 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
     config = mlx_utils.load_config(source)
     files = source_files(source)
     model = skeleton(config)
-    shapes = param_shapes(model)
     weights, origin = lazy_weights(files)
-    weights = sanitized_weights(model, weights, source, shapes)
+    weights = sanitized_weights(model, weights, source)
     plan = plan_from_profile(model, profile, method, group_size)
     specs, quantized = output_specs(weights, plan)
     shards = layout(specs, max_shard_bytes)
@@ -310,7 +311,7 @@ def stream_convert(source, output, profile, *, method="rtn", group_size=64, forc
         precomputed = {}
         if method == "gptq":
             precomputed = gptq_precompute(model, plan, tokenizer, calibration_files, partial / GPTQ_DIR, progress,
-                                          lambda: sanitized_weights(model, lazy_weights(files)[0], source, shapes))
+                                          lambda: sanitized_weights(skeleton(config), lazy_weights(files)[0], source))
         records = plan_records(plan)  # after the GPTQ stage: it notes tensors it leaves to mse
         bar = Progress(progress, sum(w.nbytes for w in weights.values()), len(weights),
                        f"converting {source.name} ({plan.profile}, {method})")
