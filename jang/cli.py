@@ -29,8 +29,11 @@ def role_table(summary: dict) -> str:
 def cmd_convert(args):
     from .convert import convert
 
+    progress = {"bar": True, "none": False}.get(args.progress, args.progress)
+    shard = int(args.max_shard_gb * 1e9) if args.max_shard_gb else None
     output, summary = convert(args.model, args.output, args.profile, bits=args.bits, method=args.method,
-                              group_size=args.group_size, force=args.force, calibration_files=args.calibration)
+                              group_size=args.group_size, force=args.force, calibration_files=args.calibration,
+                              resume=args.resume, progress=progress, max_shard_bytes=shard)
     print(f"wrote {output}  (profile {summary['profile']}, method {summary['method']})")
     print(role_table(summary))
 
@@ -147,6 +150,12 @@ def build_parser():
                    help="text files for calibration (default: four Jane Austen novels)")
     p.add_argument("--group-size", type=int, default=64, help="preferred group size (64); smaller where it doesn't divide")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or failed conversion from its last completed shard (same settings; "
+                        "output byte-identical to an uninterrupted run)")
+    p.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
+                   help="bar: tensors, GB, rate, ETA; json: one JSON object per line on stderr, for tools")
+    p.add_argument("--max-shard-gb", type=float, default=None, help="output shard size (default ~5.4 GB)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="describe a JANG folder from its shard headers; --roles: any model folder",

@@ -14,7 +14,7 @@ from mlx_lm import utils as mlx_utils
 
 from .assets import ASSETS, DEFAULT_MODEL, fetch_gguf
 from .errors import JangError, OutputExistsError
-from .format import plan_records, write_config, write_jang_config, write_model_weights
+from .format import MAX_SHARD_BYTES, plan_records, write_config, write_jang_config, write_model_weights
 from .loader import check_architecture, resolve
 from .paths import atomic_folder
 from .quantize import quantize
@@ -74,10 +74,30 @@ def resolve_source(model) -> Path:
     return folder
 
 
+# Methods that quantize each tensor on its own, so conversion can stream tensor by
+# tensor (jang.stream); gptq streams layer by layer where jang.stream_gptq knows the
+# model's layer calls; mse and budgets need passes over the whole model.
+STREAMING_METHODS = ("rtn",)
+
+
+def streams(method: str, source: Path) -> bool:
+    from .stream_gptq import GPTQ_STREAM_TYPES
+
+    if method in STREAMING_METHODS:
+        return True
+    model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    return method == "gptq" and model_type in GPTQ_STREAM_TYPES
+
+
 def convert(model=None, output=None, profile: str = None, *, bits: float = None, method: str = "rtn",
-            group_size: int = 64, force: bool = False, progress: bool = True, calibration_files=None):
+            group_size: int = 64, force: bool = False, progress=True, calibration_files=None,
+            resume: bool = False, max_shard_bytes: int = None):
     """Convert a Hugging Face folder / hub id / GGUF file (default: SmolLM2-135M) to a
     JANG folder, with a named profile, a budget profile (JANG_3K) or ``bits``.
+
+    A named profile with rtn streams (jang.stream): memory stays at about one tensor
+    whatever the model's size, and ``resume=True`` continues a killed run from its last
+    completed shard. progress: True (bar), False, or "json" (JSON lines on stderr).
     Returns (output path, jang_config summary)."""
     from .calibration import calibration_chunks
     from .profiles import BUDGETS, get_profile
@@ -88,6 +108,18 @@ def convert(model=None, output=None, profile: str = None, *, bits: float = None,
     label = profile if bits is None else f"{bits:g}bit"
     output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{label}-{method}", force)
     source = resolve_source(model)
+    if bits is None and profile not in BUDGETS and streams(method, source):
+        from .stream import stream_convert
+
+        summary = stream_convert(source, output, profile, method=method, group_size=group_size, force=force,
+                                 resume=resume, progress=progress, source_label=model or DEFAULT_MODEL,
+                                 max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES,
+                                 calibration_files=calibration_files)
+        return output, summary
+    if resume:
+        raise JangError(f"--resume needs a streaming conversion (a named profile with rtn, or gptq on a dense "
+                        f"llama/mistral/qwen model); {method} with {label} runs in memory.")
+    progress = progress is True
     float_model, config = mlx_utils.load_model(source, lazy=True)
     tokenizer = mlx_utils.load_tokenizer(source)
     calibration = calibration_chunks(tokenizer, text_files=calibration_files) if calibration_files else None

@@ -35,3 +35,12 @@ class OutputExistsError(JangError, FileExistsError):
 
 class DownloadError(JangError):
     """A model or data package could not be fetched."""
+
+
+class SourceReadError(JangError):
+    """A source tensor could not be read (file truncated, moved, I/O error); names the file."""
+
+
+class WriteError(JangError, OSError):
+    """Writing the output failed (disk full, permissions); names the file. The partial
+    folder is kept so ``--resume`` can continue once the problem is fixed."""

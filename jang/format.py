@@ -16,7 +16,6 @@ import struct
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import CorruptShardError, HeaderMismatchError, ModelNotFoundError
@@ -211,36 +210,27 @@ def plan_records(plan) -> dict:
     }
 
 
-def _shards(weights: dict, max_bytes: int):
-    shard, size = {}, 0
-    for name in sorted(weights):
-        a = weights[name]
-        if shard and size + a.nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[name] = a
-        size += a.nbytes
-    if shard:
-        yield shard
+def shard_metadata(records: dict, names) -> dict:
+    """A shard's ``__metadata__``: the JANG records of the modules whose weight it holds."""
+    meta = {"format": "mlx"}
+    if records is not None:
+        names = set(names)
+        shard_records = {p: r for p, r in records.items() if f"{p}.weight" in names}
+        meta.update({SHARD_VERSION_KEY: FORMAT_VERSION, SHARD_RECORDS_KEY: json.dumps(shard_records)})
+    return meta
 
 
 def write_weights(folder, weights: dict, records: dict = None, max_shard_bytes: int = MAX_SHARD_BYTES):
     """Write tensors as ~5 GB shards plus an index; each shard's header carries the
-    JANG records of the modules whose weight it holds."""
+    JANG records of the modules whose weight it holds. Same bytes as the streaming
+    converter writes (jang.shards)."""
+    from .shards import TensorSpec, layout, write_index, write_shard
+
     folder = Path(folder)
-    shards = list(_shards(weights, max_shard_bytes))
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        meta = {"format": "mlx"}
-        if records is not None:
-            shard_records = {p: r for p, r in records.items() if f"{p}.weight" in shard}
-            meta.update({SHARD_VERSION_KEY: FORMAT_VERSION, SHARD_RECORDS_KEY: json.dumps(shard_records)})
-        mx.save_safetensors(str(folder / name), shard, metadata=meta)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    shards = layout([TensorSpec(k, a.dtype, tuple(a.shape)) for k, a in weights.items()], max_shard_bytes)
+    for name, specs in shards:
+        write_shard(folder / name, specs, shard_metadata(records, (s.name for s in specs)), weights.__getitem__)
+    write_index(folder, shards)
 
 
 def write_model_weights(folder, model, records: dict, max_shard_bytes: int = MAX_SHARD_BYTES):

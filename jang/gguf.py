@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import JangError, ModelNotFoundError, UnsupportedArchitectureError
-from .paths import cache_dir, atomic_folder
+from .format import MAX_SHARD_BYTES
+from .paths import atomic_folder, cache_dir
 
 # GGUF block tensor -> Hugging Face module (inside model.layers.N.)
 BLOCK_NAMES = {
@@ -129,20 +130,30 @@ def read_config(reader, path) -> tuple:
 
 def read_weights(reader, arch: GGUFArch, config: dict):
     """Yield (hf_name, float32 numpy array) one tensor at a time."""
+    for t in reader.tensors:
+        yield _hf_name(t.name, arch), read_tensor(t, arch, config)
+
+
+def tensor_shape(t) -> tuple:
+    """A GGUF tensor's numpy shape (GGUF lists dimensions innermost first)."""
+    return tuple(int(d) for d in reversed(t.shape))
+
+
+def read_tensor(t, arch: GGUFArch, config: dict) -> np.ndarray:
+    """One GGUF tensor, dequantized to float32 and undone where llama.cpp changed it."""
     import gguf
 
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        name = _hf_name(t.name, arch)
-        if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute(w, config["num_key_value_heads"])
-        if arch.norm_shift and name.endswith("norm.weight"):
-            w = w - arch.norm_shift
-        if not np.isfinite(w).all():
-            raise JangError(f"GGUF tensor {t.name} dequantizes to NaN/inf values.")
-        yield name, w
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    name = _hf_name(t.name, arch)
+    if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+        w = _unpermute(w, config["num_attention_heads"])
+    elif arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+        w = _unpermute(w, config["num_key_value_heads"])
+    if arch.norm_shift and name.endswith("norm.weight"):
+        w = w - arch.norm_shift
+    if not np.isfinite(w).all():
+        raise JangError(f"GGUF tensor {t.name} dequantizes to NaN/inf values.")
+    return w
 
 
 def build_tokenizer(reader):
@@ -183,7 +194,7 @@ def import_gguf(path, out_dir=None, progress: bool = True) -> Path:
     import mlx.core as mx
     from tqdm.auto import tqdm
 
-    from .format import write_float_weights
+    from .shards import TensorSpec, layout, write_index, write_shard
 
     path = Path(path)
     if not path.is_file():
@@ -197,14 +208,22 @@ def import_gguf(path, out_dir=None, progress: bool = True) -> Path:
         raise JangError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from None
     arch, config = read_config(reader, path)
     dtype = getattr(mx, arch.dtype)
-    weights = {}
-    for name, w in tqdm(read_weights(reader, arch, config), total=len(reader.tensors),
-                        desc=f"importing {path.name}", unit="tensor", disable=not progress):
-        weights[name] = mx.array(w).astype(dtype)
-        mx.eval(weights[name])
+    # One tensor at a time: the GGUF is memory-mapped, each tensor is dequantized just
+    # before its bytes are written (jang.shards), so a model larger than memory imports.
+    tensors = {_hf_name(t.name, arch): t for t in reader.tensors}
+    bar = tqdm(total=len(tensors), desc=f"importing {path.name}", unit="tensor", disable=not progress)
+
+    def produce(name):
+        bar.update()
+        return mx.array(read_tensor(tensors[name], arch, config)).astype(dtype)
+
+    shards = layout([TensorSpec(n, dtype, tensor_shape(t)) for n, t in tensors.items()], MAX_SHARD_BYTES)
     tok = build_tokenizer(reader)
     with atomic_folder(out_dir) as tmp:
-        write_float_weights(tmp, weights)
+        for name, specs in shards:
+            write_shard(tmp / name, specs, {"format": "mlx"}, produce)
+        write_index(tmp, shards)
+        bar.close()
         tok.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -18,6 +18,30 @@ def partial_name(target: Path) -> Path:
     return target.parent / f".{target.name}.jang-partial-{os.getpid()}"
 
 
+def resumable_partial_name(target: Path) -> Path:
+    """The same name on every run, so ``--resume`` finds what a killed run left."""
+    return target.parent / f".{target.name}.jang-partial"
+
+
+def move_into_place(tmp: Path, target: Path, force: bool):
+    """fsync tmp and rename it to target (replacing it only with force)."""
+    fsync_tree(tmp)
+    if target.exists():
+        if not force:
+            raise FileExistsError(f"{target} appeared while this conversion was writing; not replacing it.")
+        old = target.parent / f".{target.name}.jang-old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_folder(target, force: bool = False):
     """Yield a temporary folder beside ``target``; rename it into place only when
@@ -31,16 +55,7 @@ def atomic_folder(target, force: bool = False):
     tmp.mkdir()
     try:
         yield tmp
-        fsync_tree(tmp)
-        if target.exists():
-            if not force:
-                raise FileExistsError(f"{target} appeared while this conversion was writing; not replacing it.")
-            old = target.parent / f".{target.name}.jang-old-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        move_into_place(tmp, target, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

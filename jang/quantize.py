@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
@@ -18,9 +19,36 @@ def storage_dtype(weight_dtype):
     return mx.bfloat16 if weight_dtype == mx.bfloat16 else mx.float16
 
 
+# float dtype -> (same-size unsigned view, exponent mask): a value is NaN/inf exactly
+# when all its exponent bits are set. Testing bits in numpy is ~8x faster than
+# mx.isfinite on CPU, which matters when streaming hundreds of GB.
+_EXPONENT = {
+    mx.float16: (mx.uint16, 0x7C00),
+    mx.bfloat16: (mx.uint16, 0x7F80),
+    mx.float32: (mx.uint32, 0x7F800000),
+}
+
+
+_CHUNK = 1 << 22  # values per step: small temporaries, reused, no page faults
+
+
+def count_non_finite(weight: mx.array) -> int:
+    if weight.dtype not in _EXPONENT:
+        return (~mx.isfinite(weight)).sum().item()
+    view, mask = _EXPONENT[weight.dtype]
+    bits = np.asarray(weight.view(view)).reshape(-1)
+    scratch = np.empty(min(_CHUNK, bits.size), bits.dtype)
+    bad = 0
+    for i in range(0, bits.size, _CHUNK):
+        part = scratch[: min(_CHUNK, bits.size - i)]
+        np.bitwise_and(bits[i:i + _CHUNK], mask, out=part)
+        bad += int(np.count_nonzero(part == mask))
+    return bad
+
+
 def check_finite(path: str, weight: mx.array):
-    if not mx.all(mx.isfinite(weight)).item():
-        bad = (~mx.isfinite(weight)).sum().item()
+    bad = count_non_finite(weight)
+    if bad:
         raise NonFiniteWeightError(f"Tensor {path}.weight holds {bad} NaN/inf values; refusing to quantize it.")
 
 

@@ -107,7 +107,7 @@ def test_gemma3_gguf_import_convert_and_load(tmp_path, gemma_float, austen_text,
 
 
 def _partial_folders(parent: Path):
-    return [p for p in parent.iterdir() if ".jang-partial-" in p.name]
+    return [p for p in parent.iterdir() if ".jang-partial" in p.name]
 
 
 def test_killed_conversion_leaves_no_model(tmp_path, smollm2_float):

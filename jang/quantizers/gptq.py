@@ -60,7 +60,9 @@ def gptq(weight: mx.array, hessian, bits: int, group_size: int, damp: float = 0.
         # cannot start groups as it goes: fix them all from the original weights.
         scales, biases = _group_params(wt.reshape(n // group_size, group_size, -1), bits, dtype)
         perm = np.argsort(-np.diag(h), kind="stable")
-        u = _inverse_cholesky(h[np.ix_(perm, perm)])
+        h = h[np.ix_(perm, perm)]  # rebinding frees the unpermuted copy: float64 in x in is large
+        u = _inverse_cholesky(h)
+        del h
         codes = np.empty(wt.shape, np.int64)
         codes[perm] = _quantize_columns(wt[perm], u, bits, group_size, block_size, dtype,
                                         scales, biases, perm // group_size)
@@ -82,8 +84,9 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """
     rev = mx.array(h.astype(np.float32))[::-1, ::-1]
     r = mx.linalg.cholesky(rev, stream=mx.cpu)[::-1, ::-1]
+    del rev
     # MLX does not report a failed factorization; LAPACK leaves a diagonal entry <= 0 or NaN.
-    if not np.all(np.diag(np.array(r)) > 0):
+    if not mx.all(mx.diagonal(r) > 0).item():
         raise ValueError("Hessian is not positive definite even after damping; "
                          "check it or raise damp")
     return np.array(mx.linalg.tri_inv(r, upper=True, stream=mx.cpu))

@@ -13,9 +13,23 @@ import numpy as np
 from .pack import affine
 
 SHRINKS = np.linspace(1.0, 0.55, 19)
+BLOCK_VALUES = 1 << 23  # rows are searched in blocks of ~8M values: the search holds ~10 float32 copies
 
 
 def quantize_weight(weight: mx.array, bits: int, group_size: int, act_energy=None, **_):
+    """Row blocks are independent (groups never cross rows), so a large tensor (an
+    embedding) is searched block by block: same result, bounded memory."""
+    n = weight.shape[-1]
+    rows = weight.reshape(-1, n)
+    step = max(1, BLOCK_VALUES // n)
+    if rows.shape[0] <= step:
+        return _quantize_block(weight, bits, group_size, act_energy)
+    parts = [_quantize_block(rows[i:i + step], bits, group_size, act_energy) for i in range(0, rows.shape[0], step)]
+    lead = weight.shape[:-1]
+    return tuple(mx.concatenate(p, axis=0).reshape(*lead, -1) for p in zip(*parts))
+
+
+def _quantize_block(weight: mx.array, bits: int, group_size: int, act_energy=None):
     dtype = weight.dtype
     w = np.asarray(weight.astype(mx.float32))
     lead, n = w.shape[:-1], w.shape[-1]

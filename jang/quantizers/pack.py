@@ -28,11 +28,16 @@ def pack(codes, bits: int) -> mx.array:
     return mx.array(words.reshape(*lead, n * bits // 32).astype(np.uint32))
 
 
+def _float32(x) -> np.ndarray:
+    """numpy float32 of an mx or numpy array (numpy cannot take MLX's bfloat16 directly)."""
+    return np.asarray(x.astype(mx.float32)) if isinstance(x, mx.array) else np.asarray(x, dtype=np.float32)
+
+
 def codes_for(weight, scales, biases, bits: int, group_size: int) -> np.ndarray:
     """Nearest codes for weight given per-group scales and biases (as stored)."""
-    w = np.asarray(weight, dtype=np.float32)
-    s = np.repeat(np.asarray(scales, dtype=np.float32), group_size, axis=-1)
-    b = np.repeat(np.asarray(biases, dtype=np.float32), group_size, axis=-1)
+    w = _float32(weight)
+    s = np.repeat(_float32(scales), group_size, axis=-1)
+    b = np.repeat(_float32(biases), group_size, axis=-1)
     safe = np.where(s == 0, 1.0, s)
     return np.clip(np.rint((w - b) / safe), 0, 2**bits - 1).astype(np.int64)
 
