@@ -188,16 +188,19 @@ class Producer:
             raise SourceReadError(f"{where}: reading tensor {name} failed ({e}).") from None
         return a
 
+    QUANTIZED_PARTS = ("weight", "scales", "biases")
+
     def source_bytes(self, name):
         module, _, kind = name.rpartition(".")
-        if module in self.quantized:
+        if module in self.quantized and kind in self.QUANTIZED_PARTS:
             return self.nbytes[f"{module}.weight"] if kind == "weight" else 0
         return self.nbytes[name]
 
     def __call__(self, name):
         checkpoint()
         module, _, kind = name.rpartition(".")
-        if module not in self.quantized:
+        # a quantized Linear's own bias (Qwen2's q/k/v, Mamba's dt_proj) stays float
+        if module not in self.quantized or kind not in self.QUANTIZED_PARTS:
             self.progress.update(self.source_bytes(name), tensor=name)
             return self.read(name)
         if name not in self.pending and f"{module}.weight" in self.precomputed:
