@@ -30,11 +30,16 @@ def pack(codes, bits: int) -> mx.array:
 
 def codes_for(weight, scales, biases, bits: int, group_size: int) -> np.ndarray:
     """Nearest codes for weight given per-group scales and biases (as stored)."""
-    w = np.asarray(weight, dtype=np.float32)
-    s = np.repeat(np.asarray(scales, dtype=np.float32), group_size, axis=-1)
-    b = np.repeat(np.asarray(biases, dtype=np.float32), group_size, axis=-1)
+    w = _float32(weight)
+    s = np.repeat(_float32(scales), group_size, axis=-1)
+    b = np.repeat(_float32(biases), group_size, axis=-1)
     safe = np.where(s == 0, 1.0, s)
     return np.clip(np.rint((w - b) / safe), 0, 2**bits - 1).astype(np.int64)
+
+
+def _float32(a) -> np.ndarray:
+    """numpy float32 from an mx or numpy array; numpy cannot read a bf16 mx buffer itself."""
+    return np.asarray(a.astype(mx.float32)) if isinstance(a, mx.array) else np.asarray(a, dtype=np.float32)
 
 
 def affine(weight, scales, biases, bits: int, group_size: int):
