@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
 from mlx_lm.convert import mixed_quant_predicate_builder
 
 from .calibration import calibration_chunks, token_chunks
+from .capture import running_in_float32
 from .data import paragraphs
 from .errors import JangError
 from .evaluate import degeneration_report, for_evaluation, log_probs, next_token_stats
@@ -93,23 +93,11 @@ class Meter:
 
 # ---------------------------------------------------------------- mlx-lm's options
 
-class in_float32:
-    """Run a calibration-driven mlx-lm method in fp32, then store in the model's own dtype.
-    On CPU fp16/bf16 matmuls are ~50x slower than fp32 BLAS, and the methods' statistics
-    (Hessians, gradients) are only more exact in fp32; casting back afterwards makes
-    scales and biases fp16/bf16, as mlx-lm's own scripts (which load the native dtype)
-    store them, so the row's size is what a user of that script gets."""
-
-    def __init__(self, model):
-        floats = (v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
-        self.model, self.dtype = model, next(floats)
-
-    def __enter__(self):
-        self.model.set_dtype(mx.float32)
-
-    def __exit__(self, *exc):
-        self.model.set_dtype(self.dtype)
-        return False
+# Calibration-driven mlx-lm methods run under capture.running_in_float32: on CPU fp16/bf16
+# matmuls are ~50x slower than fp32 BLAS, and their statistics (Hessians, gradients) are
+# only more exact in fp32; casting back afterwards stores scales and biases fp16/bf16, as
+# mlx-lm's own scripts (which load the native dtype) do, so a row's size is what a user
+# of that script gets.
 
 
 def mlx_uniform(bits):
@@ -136,7 +124,7 @@ def mlx_dynamic(target):
 
         low = max(2, min(int(target - 0.5), 6))
         high = low + 1 if low < 6 else 8
-        with in_float32(model):
+        with running_in_float32(model):
             sens = dict(estimate_sensitivities(model, mx.array(chunks), low, 64, high, 64, batch_size=4))
         threshold = estimate_threshold(model, sens, target, low, 64, high, 64)
 
@@ -158,7 +146,7 @@ def mlx_gptq(bits, fallback_bits=6):
 
         if bits not in (2, 4, 8):
             raise Unsupported(f"mlx-lm's gptq packs only 2, 4 or 8 bits (asked {bits})")
-        with in_float32(model):
+        with running_in_float32(model):
             gptq_quantize(model, mx.array(chunks), bits, 64, fallback_bits, 64, batch_size=8)
     return run
 
@@ -172,7 +160,7 @@ def mlx_awq(bits):
         awq_config = AWQ_MODEL_CONFIGS.get(config["model_type"])
         if awq_config is None:
             raise Unsupported(f"mlx-lm's awq has no config for model_type {config['model_type']!r}")
-        with in_float32(model):
+        with running_in_float32(model):
             awq_quantize(model, mx.array(chunks), awq_config, group_size=64, bits=bits)
     return run
 
@@ -269,9 +257,12 @@ class Bench:
         return meter.as_dict()
 
 
-def mlx_option_list(dynamic=(), gptq=(), awq=()):
+def mlx_option_list(dynamic=(), gptq=(), awq=(), fixed=tuple(MLX_OPTIONS)):
     """(id, row name, quantize function) of every mlx-lm row asked for, fixed options first."""
-    options = [(i, name, fn) for i, (name, fn) in MLX_OPTIONS.items()]
+    unknown = set(fixed) - set(MLX_OPTIONS)
+    if unknown:
+        raise JangError(f"unknown mlx-lm options {sorted(unknown)}; known: {', '.join(MLX_OPTIONS)}")
+    options = [(i, name, fn) for i, (name, fn) in MLX_OPTIONS.items() if i in fixed]
     for kind, values in (("dynamic", dynamic), ("gptq", gptq), ("awq", awq)):
         make_id, make_name, factory = MLX_CALIBRATED[kind]
         options += [(make_id(v), make_name(v), factory(v)) for v in values]
@@ -310,7 +301,8 @@ def matched_table(rows) -> list:
 
 def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profiles=(), dynamic=(3.0,),
                 matched_method="mse", eval_tokens=2048, mlx_gptq=(4,), mlx_awq=(),
-                degeneration=DEGENERATION_OPTIONS, max_tokens=80, command=None, on_result=None):
+                degeneration=DEGENERATION_OPTIONS, max_tokens=80, mlx_options=tuple(MLX_OPTIONS), command=None,
+                on_result=None):
     """The whole comparison; ``on_result(result)`` is called after every row with the
     result so far, so a run stopped early still leaves a report."""
     result = {"model": str(source), "eval_book": EVAL_BOOK, "eval_tokens": eval_tokens, "command": command,
@@ -322,7 +314,7 @@ def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profile
         if on_result:
             on_result(result)
 
-    options = mlx_option_list(dynamic, mlx_gptq, mlx_awq)
+    options = mlx_option_list(dynamic, mlx_gptq, mlx_awq, mlx_options)
     unknown = set(degeneration) - {i for i, _, _ in options}
     if unknown:
         raise JangError(f"--degeneration names unknown mlx-lm options {sorted(unknown)}; "
@@ -331,19 +323,41 @@ def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profile
     if degeneration:
         result["reference_degeneration"] = bench.reference_generations()
     result["sensitivity"] = bench.sensitivity_cost()
-    # Each mlx-lm option, then JANG at its measured size: a run stopped early still has whole pairs.
+    # The method sweep first (its rows are the quantizers' time and memory side by side), then
+    # each mlx-lm option followed by JANG at its measured size: a run stopped early keeps whole pairs.
+    for method in methods:
+        for b in budgets:
+            bench.jang(f"JANG {method} --bits {b}", bits=b, method=method)
     for option_id, name, fn in options:
         row = bench.mlx(option_id, name, fn, generate=option_id in degeneration)
         if row is not None:
             bench.jang(f"JANG {matched_method} @ {name[7:]}", generate=option_id in degeneration,
                        matched_to=option_id, bits=row["avg_bits"], method=matched_method)
-    for method in methods:
-        for b in budgets:
-            bench.jang(f"JANG {method} --bits {b}", bits=b, method=method)
     for profile in profiles:
         bench.jang(f"JANG {profile} (rtn)", profile=profile)
     publish()
     return result
+
+
+def merge_results(results: list) -> dict:
+    """One report from runs of the same model and settings that split the options between
+    them (e.g. two processes on a slow machine): rows concatenated (the first run's row
+    wins where two ran the same option), tables recomputed, every run's command kept."""
+    merged = {**results[0], "command": "\n".join(r["command"] for r in results if r.get("command"))}
+    for key in ("model", "eval_tokens", "max_tokens"):
+        if len({r.get(key) for r in results}) > 1:
+            raise JangError(f"cannot merge runs with different {key}")
+    seen, rows = set(), []
+    for row in (row for r in results for row in r["rows"]):
+        if row["name"] not in seen:
+            seen.add(row["name"])
+            rows.append(row)
+    merged["rows"] = rows
+    merged["skipped"] = [s for r in results for s in r.get("skipped", [])]
+    merged["reference_degeneration"] = next((r["reference_degeneration"] for r in results
+                                             if r.get("reference_degeneration")), None)
+    merged["matched"], merged["degeneration"] = matched_table(rows), degeneration_pairs(rows)
+    return merged
 
 
 # ---------------------------------------------------------------- report
@@ -363,7 +377,8 @@ def markdown(result: dict) -> str:
              f"({result['eval_tokens']} tokens); calibration: {result.get('calibration', '')}. "
              "Average bits count packed weights + scales + biases as stored.", ""]
     if result.get("command"):
-        lines += ["Produced by:", "", "```bash", result["command"], "```", ""]
+        lines += ["Produced by (one command per process that contributed rows):" if "\n" in result["command"]
+                  else "Produced by:", "", "```bash", result["command"], "```", ""]
     lines += ["Quantize time and memory cover quantizing only (not loading, not scoring). *MLX peak*: "
               "`mx.get_peak_memory()` after `mx.reset_peak_memory()` (all MLX arrays, the loaded float "
               "model included; numpy not seen). *RSS peak Δ*: the process's peak resident memory during the "

@@ -88,14 +88,21 @@ def cmd_bench_quality(args):
     from .bench import run_quality, write_report
     from .convert import resolve_source
 
-    source = resolve_source(args.model)
     name = args.name or Path(str(args.model or "smollm2-135m")).stem
+    if args.merge:
+        from .bench import merge_results
+
+        write_report(merge_results([json.loads(Path(p).read_text()) for p in args.merge]), Path(args.docs), name)
+        print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
+        return
+    source = resolve_source(args.model)
     command = "jang " + shlex.join(args.argv)
     write = lambda result: write_report(result, Path(args.docs), name)  # after every row: a stopped run keeps its rows
     run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles, dynamic=args.dynamic,
                 matched_method=args.matched_method, eval_tokens=args.eval_tokens, mlx_gptq=args.mlx_gptq,
                 mlx_awq=args.mlx_awq, max_tokens=args.max_tokens, command=command, on_result=write,
-                **({} if args.degeneration is None else {"degeneration": args.degeneration}))
+                **({} if args.degeneration is None else {"degeneration": args.degeneration}),
+                **({} if args.mlx_options is None else {"mlx_options": args.mlx_options}))
     print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
 
 
@@ -164,6 +171,11 @@ def build_parser():
                    help="JANG methods for the budget sweep")
     q.add_argument("--budgets", nargs="*", type=float, default=[2.5, 3.0, 3.5, 4.0, 4.5])
     q.add_argument("--profiles", nargs="*", default=[], help="named profiles to include (rtn)")
+    q.add_argument("--mlx-options", nargs="*", default=None,
+                   help="which of mlx-lm's uniform/mixed options to run (default all: uniform2 uniform3 uniform4 "
+                        "mixed_2_6 mixed_3_6 mixed_4_6)")
+    q.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="instead of running: one report from these reports of runs that split the options")
     q.add_argument("--dynamic", nargs="*", type=float, default=[3.0], help="mlx-lm dynamic_quant targets")
     q.add_argument("--mlx-gptq", nargs="*", type=int, default=[4], help="bits for mlx-lm's gptq rows (2, 4 or 8)")
     q.add_argument("--mlx-awq", nargs="*", type=int, default=[],

@@ -64,3 +64,24 @@ def test_degeneration_pairs_each_option_with_jang_at_its_size(tiny_llama, own_ca
     assert "| mlx-lm uniform 2-bit | 2.500 |" in md and "JANG flagged" in md
     with pytest.raises(JangError, match="unknown mlx-lm options"):
         bench.run_quality(tiny_llama, degeneration=("uniform7",), eval_tokens=512)
+
+
+def test_merge_keeps_first_row_per_option_and_rebuilds_the_tables():
+    def row(name, family, bits, kl, **kw):
+        return {"name": name, "family": family, "method": "x", "avg_bits": bits, "kl": kl, "ppl": 1.0, "top1": 1.0,
+                "seconds": 1.0, "mlx_peak_gb": 0.1, "rss_peak_gb": 0.1, **kw}
+
+    base = {"model": "m", "eval_book": "b", "eval_tokens": 1024, "max_tokens": 60, "skipped": []}
+    a = {**base, "command": "jang bench quality --mlx-options uniform2", "rows": [
+        row("mlx-lm uniform 2-bit", "mlx-lm", 2.5, 10.0, id="uniform2"),
+        row("JANG mse @ uniform 2-bit", "jang", 2.5, 4.0, matched_to="uniform2")]}
+    b = {**base, "command": "jang bench quality --mlx-options uniform2 uniform3", "rows": [
+        row("mlx-lm uniform 2-bit", "mlx-lm", 2.5, 99.0, id="uniform2"),
+        row("mlx-lm uniform 3-bit", "mlx-lm", 3.5, 2.0, id="uniform3"),
+        row("JANG mse @ uniform 3-bit", "jang", 3.5, 1.0, matched_to="uniform3")]}
+    merged = bench.merge_results([a, b])
+    assert [(m["mlx"], m["ratio"]) for m in merged["matched"]] == [("mlx-lm uniform 2-bit", 0.4),
+                                                                  ("mlx-lm uniform 3-bit", 0.5)]
+    assert merged["command"].count("jang bench quality") == 2
+    with pytest.raises(JangError, match="eval_tokens"):
+        bench.merge_results([a, {**b, "eval_tokens": 2048}])
