@@ -186,12 +186,12 @@ MLX_CALIBRATED = {
 
 class Bench:
     def __init__(self, source: Path, eval_tokens: int = 2048, chunk: int = 256, progress=False,
-                 max_tokens: int = 80, on_row=None):
+                 max_tokens: int = 80, on_row=None, calibration_chunks_n: int = 32):
         self.source = Path(source)
         self.tokenizer = mlx_utils.load_tokenizer(self.source)
         text = "\n\n".join(paragraphs(EVAL_BOOK))
         self.eval_chunks = token_chunks(self.tokenizer, [text], eval_tokens // chunk, chunk)
-        self.calibration = calibration_chunks(self.tokenizer)
+        self.calibration = calibration_chunks(self.tokenizer, n_chunks=calibration_chunks_n)
         ref = for_evaluation(self.fresh()[0])
         self.ref_logp = [log_probs(ref, c) for c in self.eval_chunks]
         self.progress, self.max_tokens, self.on_row = progress, max_tokens, on_row
@@ -302,11 +302,11 @@ def matched_table(rows) -> list:
 def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profiles=(), dynamic=(3.0,),
                 matched_method="mse", eval_tokens=2048, mlx_gptq=(4,), mlx_awq=(),
                 degeneration=DEGENERATION_OPTIONS, max_tokens=80, mlx_options=tuple(MLX_OPTIONS), command=None,
-                on_result=None):
+                on_result=None, calibration=32):
     """The whole comparison; ``on_result(result)`` is called after every row with the
     result so far, so a run stopped early still leaves a report."""
     result = {"model": str(source), "eval_book": EVAL_BOOK, "eval_tokens": eval_tokens, "command": command,
-              "calibration": "32 chunks x 128 tokens of four Austen novels", "max_tokens": max_tokens}
+              "calibration": f"{calibration} chunks x 128 tokens of four Austen novels", "max_tokens": max_tokens}
 
     def publish():
         result.update(rows=bench.rows, skipped=bench.skipped, matched=matched_table(bench.rows),
@@ -319,7 +319,7 @@ def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profile
     if unknown:
         raise JangError(f"--degeneration names unknown mlx-lm options {sorted(unknown)}; "
                         f"known: {', '.join(i for i, _, _ in options)}")
-    bench = Bench(source, eval_tokens, max_tokens=max_tokens, on_row=publish)
+    bench = Bench(source, eval_tokens, max_tokens=max_tokens, on_row=publish, calibration_chunks_n=calibration)
     if degeneration:
         result["reference_degeneration"] = bench.reference_generations()
     result["sensitivity"] = bench.sensitivity_cost()
@@ -344,7 +344,7 @@ def merge_results(results: list) -> dict:
     them (e.g. two processes on a slow machine): rows concatenated (the first run's row
     wins where two ran the same option), tables recomputed, every run's command kept."""
     merged = {**results[0], "command": "\n".join(r["command"] for r in results if r.get("command"))}
-    for key in ("model", "eval_tokens", "max_tokens"):
+    for key in ("model", "eval_tokens", "max_tokens", "calibration"):
         if len({r.get(key) for r in results}) > 1:
             raise JangError(f"cannot merge runs with different {key}")
     seen, rows = set(), []

@@ -101,6 +101,7 @@ def cmd_bench_quality(args):
     run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles, dynamic=args.dynamic,
                 matched_method=args.matched_method, eval_tokens=args.eval_tokens, mlx_gptq=args.mlx_gptq,
                 mlx_awq=args.mlx_awq, max_tokens=args.max_tokens, command=command, on_result=write,
+                calibration=args.calibration_chunks,
                 **({} if args.degeneration is None else {"degeneration": args.degeneration}),
                 **({} if args.mlx_options is None else {"mlx_options": args.mlx_options}))
     print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
@@ -187,6 +188,8 @@ def build_parser():
                         "awq4 ...); the flag alone: none")
     q.add_argument("--max-tokens", type=int, default=80, help="tokens per generation for --degeneration")
     q.add_argument("--eval-tokens", type=int, default=2048)
+    q.add_argument("--calibration-chunks", type=int, default=32,
+                   help="calibration chunks of 128 tokens, for JANG and mlx-lm's calibrated methods alike")
     q.set_defaults(func=cmd_bench_quality)
     return parser
 
