@@ -96,36 +96,38 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
     done = {}
     bar = tqdm(total=len(linear), desc="quantizing (gptq, layer by layer)", unit="tensor", disable=not progress)
 
+    # One fp32 context for the whole run: calibration passes go through BLAS. Entering
+    # and leaving it per layer left every parameter behind a lazy chain of dtype casts
+    # (fp16 -> fp32 -> fp16 ...) that was only evaluated at the end, all at once.
+    dtypes = {p: modules[p].weight.dtype for p in linear}
+
     def quantize_paths(h, paths):
         for path in paths:
+            module = modules[path]
+            module.weight = module.weight.astype(dtypes[path])  # its dtype decides the scales' dtype
             layer = quantize_entry(linear[path], lambda w, bits, group, hess=h[path]: gptq(
                 w, np.asarray(hess), bits, group, act_order=act_order))
-            modules[path].weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
-                                                 layer.bits).astype(modules[path].weight.dtype)
+            # what the later layers must see: the dequantized weights, as stored, in fp32
+            module.weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                                          layer.bits).astype(dtypes[path]).astype(mx.float32)
+            mx.eval(module.weight)
             done[path] = layer
             bar.update()
 
-    # Calibration passes run in fp32 (BLAS); quantize_entry sees the model's own dtype,
-    # which decides the stored dtype of scales and biases.
     with running_in_float32(model):
         hidden, calls = layer_calls(model, chunks, layers) if layers else ([], [])
-    for (prefix, block), block_calls in zip(layers, calls):
-        def forward(block=block, block_calls=block_calls):
-            out = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, block_calls)]
-            mx.eval(out)
-            return out
+        for (prefix, block), block_calls in zip(layers, calls):
+            def forward(block=block, block_calls=block_calls):
+                out = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, block_calls)]
+                mx.eval(out)
+                return out
 
-        paths = [p for p in linear if p.startswith(prefix + ".")]
-        if paths:
-            with running_in_float32(model):
-                h = hessians(model, chunks, paths, run=forward)
-            quantize_paths(h, paths)
-        with running_in_float32(model):
+            paths = [p for p in linear if p.startswith(prefix + ".")]
+            if paths:
+                quantize_paths(hessians(model, chunks, paths, run=forward), paths)
             hidden = forward()  # the next layer's input, through this layer as quantized
-    rest = [p for p in linear if p not in done]  # e.g. an untied lm_head: one full pass
-    if rest:
-        with running_in_float32(model):
-            h = hessians(model, chunks, rest)
-        quantize_paths(h, rest)
+        rest = [p for p in linear if p not in done]  # e.g. an untied lm_head: one full pass
+        if rest:
+            quantize_paths(hessians(model, chunks, rest), rest)
     bar.close()
     return done
