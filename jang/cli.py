@@ -8,6 +8,7 @@ from pathlib import Path
 from .errors import JangError
 from .profiles import PROFILES
 
+METHODS = ("rtn", "mse", "gptq")  # jang.quantizers.QUANTIZERS, without importing MLX for --help
 PROFILE_HELP = "; ".join(f"{p.name} {p.mlp}/{p.attention}/{p.embed}/{p.lm_head}" for p in PROFILES.values())
 
 
@@ -92,14 +93,27 @@ def cmd_generate(args):
 
 
 def cmd_bench_quality(args):
+    import shlex
+
     from .bench import run_quality, write_report
     from .convert import resolve_source
 
-    source = resolve_source(args.model)
-    result = run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles,
-                         dynamic=args.dynamic, matched_method=args.matched_method, eval_tokens=args.eval_tokens)
     name = args.name or Path(str(args.model or "smollm2-135m")).stem
-    write_report(result, Path(args.docs), name)
+    if args.merge:
+        from .bench import merge_results
+
+        write_report(merge_results([json.loads(Path(p).read_text()) for p in args.merge]), Path(args.docs), name)
+        print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
+        return
+    source = resolve_source(args.model)
+    command = "jang " + shlex.join(args.argv)
+    write = lambda result: write_report(result, Path(args.docs), name)  # after every row: a stopped run keeps its rows
+    run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles, dynamic=args.dynamic,
+                matched_method=args.matched_method, eval_tokens=args.eval_tokens, mlx_gptq=args.mlx_gptq,
+                mlx_awq=args.mlx_awq, max_tokens=args.max_tokens, command=command, on_result=write,
+                calibration=args.calibration_chunks,
+                **({} if args.degeneration is None else {"degeneration": args.degeneration}),
+                **({} if args.mlx_options is None else {"mlx_options": args.mlx_options}))
     print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
 
 
@@ -143,7 +157,7 @@ def build_parser():
     p.add_argument("--bits", type=float, default=None,
                    help="average-bits budget as stored (weights + scales + biases), e.g. 3.0: bits per tensor "
                         "are allocated from sensitivities measured on calibration text")
-    p.add_argument("--method", default="rtn", choices=["rtn", "mse", "gptq"],
+    p.add_argument("--method", default="rtn", choices=METHODS,
                    help="rtn: round to nearest; mse: per-group clipping search weighted by activations; "
                         "gptq: Hessian-based error feedback, layer by layer")
     p.add_argument("--calibration", nargs="+", default=None, metavar="TXT",
@@ -196,12 +210,28 @@ def build_parser():
     q.add_argument("--model", default=None, help="as for convert (default: SmolLM2-135M)")
     q.add_argument("--name", default=None, help="report name (docs/quality-NAME.*)")
     q.add_argument("--docs", default="docs", help="folder for the report")
-    q.add_argument("--methods", nargs="*", default=["rtn", "mse"], help="JANG methods for the budget sweep")
+    q.add_argument("--methods", nargs="*", default=["rtn", "mse", "gptq"], choices=METHODS,
+                   help="JANG methods for the budget sweep")
     q.add_argument("--budgets", nargs="*", type=float, default=[2.5, 3.0, 3.5, 4.0, 4.5])
     q.add_argument("--profiles", nargs="*", default=[], help="named profiles to include (rtn)")
-    q.add_argument("--dynamic", nargs="*", type=float, default=[3.0], help="dynamic_quant targets")
-    q.add_argument("--matched-method", default="mse", help="JANG method for the matched-size rows")
+    q.add_argument("--mlx-options", nargs="*", default=None,
+                   help="which of mlx-lm's uniform/mixed options to run (default all: uniform2 uniform3 uniform4 "
+                        "mixed_2_6 mixed_3_6 mixed_4_6)")
+    q.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="instead of running: one report from these reports of runs that split the options")
+    q.add_argument("--dynamic", nargs="*", type=float, default=[3.0], help="mlx-lm dynamic_quant targets")
+    q.add_argument("--mlx-gptq", nargs="*", type=int, default=[4], help="bits for mlx-lm's gptq rows (2, 4 or 8)")
+    q.add_argument("--mlx-awq", nargs="*", type=int, default=[],
+                   help="bits for mlx-lm's awq rows (none by default: on 2 CPU cores it takes minutes per layer)")
+    q.add_argument("--matched-method", default="mse", choices=METHODS, help="JANG method for the matched-size rows")
+    q.add_argument("--degeneration", nargs="*", default=None,
+                   help="mlx-lm options whose greedy generations are scored beside JANG's at the same size "
+                        "(default: uniform2 mixed_2_6 uniform3; also uniform4 mixed_3_6 mixed_4_6 dynamic3 gptq4 "
+                        "awq4 ...); the flag alone: none")
+    q.add_argument("--max-tokens", type=int, default=80, help="tokens per generation for --degeneration")
     q.add_argument("--eval-tokens", type=int, default=2048)
+    q.add_argument("--calibration-chunks", type=int, default=32,
+                   help="calibration chunks of 128 tokens, for JANG and mlx-lm's calibrated methods alike")
     q.set_defaults(func=cmd_bench_quality)
     k = bench.add_parser("kernels", help="JANG's fused GPU kernels vs MLX's ops: time, GB/s, share of bandwidth",
                          description="Needs a GPU backend (CUDA or Metal). Writes docs/NAME.md and .json.")
@@ -224,6 +254,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in reports, to rerun them
     try:
         args.func(args)
     except JangError as e:

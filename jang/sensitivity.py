@@ -78,9 +78,10 @@ def score_table(model, fisher: dict, candidates=CANDIDATES, progress: bool = Tru
         for bits, group in candidates:
             if choose_group_size(weight.shape[-1], group) != group:
                 continue
-            scores[f"{bits}:{group}"] = 0.5 * (f * rtn_error(weight, bits, group) ** 2).sum()
-        mx.eval(scores)
-        table[path] = {k: v.item() for k, v in scores.items()}
+            # One candidate at a time: all of them in one graph held ~1 GB of fp32
+            # temporaries each for Gemma's 168M-weight embedding (OOM at 20 GB).
+            scores[f"{bits}:{group}"] = (0.5 * (f * rtn_error(weight, bits, group) ** 2).sum()).item()
+        table[path] = scores
     return table
 
 

@@ -2,15 +2,18 @@
 of the layers before it *as already quantized*, so later layers correct for the
 error of earlier ones.
 
-A forward pass over the calibration chunks stops right after the layer being
-worked on (no need to run the rest of the model), with that layer's linears
-wrapped in Recorders that accumulate sum x x^T of their inputs.
+One pass of the float model records what every decoder layer is called with (its
+hidden-state input for layer 0; the mask and other arguments for all). From then on
+the calibration hidden states are carried from layer to layer: a layer runs once with
+its linears wrapped in Recorders (sum x x^T of their inputs), is quantized, and runs
+again to give the next layer its input. That is two layer-forwards per layer -- about
+two model-forwards in all, where re-running the model up to each layer would cost
+L/2 of them (15 for SmolLM2's 30 layers).
 """
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
-from tqdm.auto import tqdm
 
 from .capture import Recorder, Wrapper, running_in_float32
 from .quantizers.gptq import gptq
@@ -20,12 +23,23 @@ class _StopForward(Exception):
     pass
 
 
-class _StopAfter(Wrapper):
-    """Runs the wrapped layer, then ends the forward pass."""
+class _Inputs(Wrapper):
+    """Records each call's arguments after the hidden state into ``calls`` (and layer 0's
+    hidden state into ``first``); the last layer ends the pass."""
 
-    def __call__(self, *args, **kwargs):
-        mx.eval(self.inner(*args, **kwargs))
-        raise _StopForward
+    def __init__(self, inner, calls: list, first, last: bool):
+        super().__init__(inner)
+        object.__setattr__(self, "_to", (calls, first, last))
+
+    def __call__(self, x, *args, **kwargs):
+        calls, first, last = self._to
+        calls.append((args, kwargs))
+        if first is not None:
+            first.append(x)
+            mx.eval(x)
+        if last:
+            raise _StopForward
+        return self.inner(x, *args, **kwargs)
 
 
 def decoder_layers(model):
@@ -34,24 +48,36 @@ def decoder_layers(model):
     return [(paths[id(layer)], layer) for layer in getattr(model, "layers", [])]
 
 
-def hessians(model, chunks, paths, stop_at=None) -> dict:
-    """path -> sum of x x^T of that module's inputs over the chunks."""
+def layer_calls(model, chunks, layers):
+    """(layer 0's hidden-state input per chunk, for each layer the other arguments it is
+    called with per chunk), from one pass of the float model over the chunks."""
+    calls, first = [[] for _ in layers], []
+    model.update_modules(tree_unflatten([(p, _Inputs(m, calls[i], first if i == 0 else None, i == len(layers) - 1))
+                                         for i, (p, m) in enumerate(layers)]))
+    try:
+        for ids in chunks:
+            try:
+                model(mx.array([ids]))  # lazy: only what layer 0's input and the masks need is computed
+            except _StopForward:
+                pass
+    finally:
+        model.update_modules(tree_unflatten([(p, m) for p, m in layers]))
+    return first, calls
+
+
+def hessians(model, chunks, paths, run=None) -> dict:
+    """path -> sum of x x^T of that module's inputs over the chunks; ``run()`` does the
+    forward work (default: the whole model over the chunks)."""
     modules = dict(model.named_modules())
     stats = {}
-    # Two updates each way: a path and a path inside it cannot go in one tree.
     model.update_modules(tree_unflatten([(p, Recorder(modules[p], p, stats, full=True)) for p in paths]))
-    if stop_at is not None:
-        model.update_modules(tree_unflatten([(stop_at, _StopAfter(modules[stop_at]))]))
     try:
-        with running_in_float32(model):
+        if run is None:
             for ids in chunks:
-                try:
-                    mx.eval(model(mx.array([ids])))
-                except _StopForward:
-                    pass
+                mx.eval(model(mx.array([ids])))
+        else:
+            run()
     finally:
-        if stop_at is not None:
-            model.update_modules(tree_unflatten([(stop_at, modules[stop_at])]))
         model.update_modules(tree_unflatten([(p, modules[p]) for p in paths]))
     return {p: total for p, (total, _) in stats.items()}
 
@@ -62,25 +88,46 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
     dequantized weights -- the same numbers the later layers must see -- so the
     calibration passes run through BLAS rather than MLX's slow CPU quantized matmul.
     Entries must be linear layers (an embedding or MoE expert stack has no such Hessian here)."""
+    from tqdm.auto import tqdm
+
     modules = dict(model.named_modules())
     linear = {t.path: t for t in entries}
-    groups = [(prefix, [p for p in linear if p.startswith(prefix + ".")]) for prefix, _ in decoder_layers(model)]
-    rest = [p for p in linear if not any(p in members for _, members in groups)]
-    groups.append((None, rest))  # e.g. an untied lm_head: one full pass
+    layers = decoder_layers(model)
     done = {}
     bar = tqdm(total=len(linear), desc="quantizing (gptq, layer by layer)", unit="tensor", disable=not progress)
-    for stop_at, paths in groups:
-        if not paths:
-            continue
-        h = hessians(model, chunks, paths, stop_at)
+
+    # One fp32 context for the whole run: calibration passes go through BLAS. Entering
+    # and leaving it per layer left every parameter behind a lazy chain of dtype casts
+    # (fp16 -> fp32 -> fp16 ...) that was only evaluated at the end, all at once.
+    dtypes = {p: modules[p].weight.dtype for p in linear}
+
+    def quantize_paths(h, paths):
         for path in paths:
-            entry = linear[path]
-            hess = h[path]
-            layer = quantize_entry(entry, lambda w, bits, group, hess=hess: gptq(
+            module = modules[path]
+            module.weight = module.weight.astype(dtypes[path])  # its dtype decides the scales' dtype
+            layer = quantize_entry(linear[path], lambda w, bits, group, hess=h[path]: gptq(
                 w, np.asarray(hess), bits, group, act_order=act_order))
-            modules[path].weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
-                                                 layer.bits).astype(modules[path].weight.dtype)
+            # what the later layers must see: the dequantized weights, as stored, in fp32
+            module.weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
+                                          layer.bits).astype(dtypes[path]).astype(mx.float32)
+            mx.eval(module.weight)
             done[path] = layer
             bar.update()
+
+    with running_in_float32(model):
+        hidden, calls = layer_calls(model, chunks, layers) if layers else ([], [])
+        for (prefix, block), block_calls in zip(layers, calls):
+            def forward(block=block, block_calls=block_calls):
+                out = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, block_calls)]
+                mx.eval(out)
+                return out
+
+            paths = [p for p in linear if p.startswith(prefix + ".")]
+            if paths:
+                quantize_paths(hessians(model, chunks, paths, run=forward), paths)
+            hidden = forward()  # the next layer's input, through this layer as quantized
+        rest = [p for p in linear if p not in done]  # e.g. an untied lm_head: one full pass
+        if rest:
+            quantize_paths(hessians(model, chunks, rest), rest)
     bar.close()
     return done
