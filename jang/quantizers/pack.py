@@ -42,11 +42,6 @@ def codes_for(weight, scales, biases, bits: int, group_size: int) -> np.ndarray:
     return np.clip(np.rint((w - b) / safe), 0, 2**bits - 1).astype(np.int64)
 
 
-def _float32(a) -> np.ndarray:
-    """numpy float32 from an mx or numpy array; numpy cannot read a bf16 mx buffer itself."""
-    return np.asarray(a.astype(mx.float32)) if isinstance(a, mx.array) else np.asarray(a, dtype=np.float32)
-
-
 def affine(weight, scales, biases, bits: int, group_size: int):
     """(packed weight, scales, biases) in MLX's layout for the given scales/biases."""
     return pack(codes_for(weight, scales, biases, bits, group_size), bits), scales, biases
