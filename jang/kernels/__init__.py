@@ -23,7 +23,8 @@ from . import cpu, gpu, reference
 # mx.fast.cuda_kernel call costs ~12 us against ~2.4 us for MLX's quantized_matmul, so
 # routing decode GEMVs through JANG made Llama-3-8B decode slower (0.57-0.86x). Decode
 # therefore stays on MLX's ops until that host cost is gone; prefill (dequantize +
-# cuBLAS, 1.8-3.2x per GEMM, 1.2-1.7x end to end) and the embedding gather are on.
+# cuBLAS from 512 tokens, 1.8-3.2x per GEMM, 1.2-1.8x end to end) and the embedding
+# gather are on.
 # Metal is compiled for syntax only (no Apple GPU here): MLX's ops until measured.
 ROUTES = {
     "cuda": {
