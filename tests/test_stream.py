@@ -18,7 +18,7 @@ from mlx_lm import utils as mlx_utils
 
 import jang
 from jang import stream
-from jang.errors import CorruptShardError, WriteError
+from jang.errors import CorruptShardError
 
 from conftest import TINY_LLAMA, make_tiny_model
 from test_moe import TINY_QWEN3_MOE

@@ -101,8 +101,7 @@ def gather_qmm(x, w, scales, biases, indices, group_size, bits, mode="affine", s
 
 
 def embedding_lookup(ids, w, scales, biases, group_size, bits, mode="affine"):
-    if (route("embedding") and mode == "affine" and biases is not None and bits in gpu.BITS
-            and group_size in gpu.GROUP_SIZES and scales.dtype in gpu.HALF and (w.shape[-1] * 32 // bits) % 32 == 0):
+    if route("embedding") and gpu.supports_weights(w, scales, biases, group_size, bits, mode):
         return gpu.qgather(ids, w, scales, biases, group_size, bits, scales.dtype)
     return reference.embedding_lookup(ids, w, scales, biases, group_size, bits, mode)
 

@@ -33,12 +33,17 @@ def _dialect() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
-def supports_affine(x, w, scales, biases, group_size, bits, mode="affine") -> bool:
-    """The layouts the dequant kernels read: affine, with biases, whole 32-code chunks,
-    16-bit activations and scales."""
+def supports_weights(w, scales, biases, group_size, bits, mode="affine") -> bool:
+    """The quantized layouts the dequant kernels read: a 2-D affine matrix with biases,
+    16-bit scales, rows of whole 32-code chunks."""
     return (mode == "affine" and biases is not None and bits in BITS and group_size in GROUP_SIZES
-            and x.dtype in HALF and scales.dtype == x.dtype and x.shape[-1] % 32 == 0
-            and w.shape[-1] * 32 // bits == x.shape[-1] and w.ndim == 2)
+            and scales.dtype in HALF and w.ndim == 2 and (w.shape[-1] * 32 // bits) % 32 == 0)
+
+
+def supports_affine(x, w, scales, biases, group_size, bits, mode="affine") -> bool:
+    """supports_weights, and activations of the scales' dtype that match the rows."""
+    return (supports_weights(w, scales, biases, group_size, bits, mode) and x.dtype == scales.dtype
+            and w.shape[-1] * 32 // bits == x.shape[-1])
 
 
 def _flat(x):
