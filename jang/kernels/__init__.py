@@ -70,8 +70,9 @@ _NO_ROUTES = {}
 _ENABLED = {op for op in os.environ.get("JANG_ENABLE", "").split(",") if op}
 
 
-def route(op: str, default=False):
-    b = backend()
+def route(op: str, default=False, b=None):
+    """The route for op on backend b (default: the current one)."""
+    b = b or backend()
     if op in _ENABLED and b in ROUTES:
         return ROUTES[b].get(op) or True
     return ROUTES.get(b, _NO_ROUTES).get(op, default)
@@ -84,9 +85,9 @@ def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
     if (b in ROUTES and ROUTES[b] and w.shape[0] * x.shape[-1] >= gpu.FUSED_MIN_WEIGHTS
             and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
         tokens = x.size // x.shape[-1]
-        if tokens <= gpu.QMV_MAX_M and route("qmv"):
+        if tokens <= gpu.QMV_MAX_M and route("qmv", b=b):
             return gpu.qmv(x, w, scales, biases, group_size, bits)
-        prefill = route("prefill", "mlx")
+        prefill = route("prefill", "mlx", b)
         if tokens > gpu.QMV_MAX_M and prefill == "qmm":
             return gpu.qmm(x, w, scales, biases, group_size, bits)
         if tokens >= gpu.DEQUANT_MIN_M and prefill == "dequant":
