@@ -397,11 +397,11 @@ def bytes_per_token(model, context: int) -> int:
     return total
 
 
-def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128) -> dict:
-    """mlx-lm's ops vs JANG's routes (kernels.ROUTES, plus any JANG_ENABLE'd) on one model."""
-    import os
-
-    from .kernels import ROUTES, _ENABLED
+def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128,
+               configs=("",)) -> dict:
+    """mlx-lm's ops vs JANG on one model, once per config: a comma-separated set of
+    routes to turn on beyond kernels.ROUTES ("" = the defaults, as a user gets them)."""
+    from . import kernels
     from .layers import adopt_all
 
     bw = copy_bandwidth()
@@ -409,34 +409,39 @@ def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512,
     for name in models:
         for b in bits:
             model = random_llama(name, b)
-            os.environ["JANG_KERNELS"] = "reference"
             base = decode_speed(model, prompt_len, new_tokens)  # mlx-lm's modules and ops
-            adopt_all(model)
-            os.environ.pop("JANG_KERNELS")
-            jang = decode_speed(model, prompt_len, new_tokens)
             nbytes = bytes_per_token(model, prompt_len + new_tokens // 2)
-            limit_tps = (bw / 2) / nbytes  # copy bandwidth counts read + write; a token only reads
-            rows.append({"model": name, "bits": b, "bytes_per_token": nbytes, "limit_tps": limit_tps,
-                         "mlx": base, "jang": jang})
-            print(f"{name} {b}-bit: mlx-lm {base['decode_tps']:.1f} tok/s, JANG {jang['decode_tps']:.1f} tok/s "
-                  f"(limit {limit_tps:.1f}); prefill {base['prefill_tps']:.0f} vs {jang['prefill_tps']:.0f} tok/s",
-                  flush=True)
             del model
+            # copy_bandwidth counts the bytes read and written; a stream that only reads
+            # moves its bytes at about the same total rate, so the floor is bytes / bw.
+            limit_tps = bw / nbytes
+            for config in configs:
+                with kernels.enabled(op for op in config.split(",") if op):
+                    model = random_llama(name, b)
+                    adopt_all(model)
+                    jang = decode_speed(model, prompt_len, new_tokens)
+                    del model
+                rows.append({"model": name, "bits": b, "config": config or "default", "bytes_per_token": nbytes,
+                             "limit_tps": limit_tps, "mlx": base, "jang": jang})
+                print(f"{name} {b}-bit [{config or 'default'}]: mlx-lm {base['decode_tps']:.1f} tok/s, "
+                      f"JANG {jang['decode_tps']:.1f} tok/s (limit {limit_tps:.1f}); "
+                      f"prefill {base['prefill_tps']:.0f} vs {jang['prefill_tps']:.0f} tok/s", flush=True)
     return {"device": device_name(), "mlx": mx.__version__, "copy_GBps": bw / 1e9, "prompt": prompt_len,
-            "new_tokens": new_tokens, "routes": ROUTES.get("cuda"), "enabled": sorted(_ENABLED), "rows": rows}
+            "new_tokens": new_tokens, "routes": kernels.ROUTES.get("cuda"), "rows": rows}
 
 
 def decode_markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, MLX {result['mlx']}; copy bandwidth {result['copy_GBps']:.0f} GB/s. "
              f"Prompt {result['prompt']} random tokens, then {result['new_tokens']} greedy tokens; same quantized "
-             "weights (mlx-lm's `nn.quantize`, group 64), mlx-lm's ops vs JANG's kernels. Bandwidth limit = "
-             "bytes read per token / (copy bandwidth / 2).", "",
-             "| model (random weights) | bits | MB read / token | mlx-lm decode tok/s | JANG decode tok/s | speed-up | "
+             "weights (mlx-lm's `nn.quantize`, group 64), mlx-lm's ops vs JANG. JANG config: routes turned on beyond "
+             "the defaults (`JANG_ENABLE`). Bandwidth limit = bytes read per token / copy bandwidth (which counts "
+             "bytes read and written).", "",
+             "| model (random weights) | bits | JANG config | MB read / token | mlx-lm decode tok/s | JANG decode tok/s | speed-up | "
              "JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         m, j = r["mlx"], r["jang"]
-        lines.append(f"| {r['model']} | {r['bits']} | {r['bytes_per_token'] / 1e6:.0f} | {m['decode_tps']:.1f} | "
+        lines.append(f"| {r['model']} | {r['bits']} | {r.get('config', 'default')} | {r['bytes_per_token'] / 1e6:.0f} | {m['decode_tps']:.1f} | "
                      f"{j['decode_tps']:.1f} | {j['decode_tps'] / m['decode_tps']:.2f}x | "
                      f"{j['decode_tps'] / r['limit_tps']:.0%} | {m['prefill_tps']:.0f} | {j['prefill_tps']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -130,7 +130,8 @@ def cmd_bench_decode(args):
 
     from .bench_kernels import decode_markdown, run_decode
 
-    result = run_decode(models=args.models, bits=args.bits, prompt_len=args.prompt, new_tokens=args.tokens)
+    result = run_decode(models=args.models, bits=args.bits, prompt_len=args.prompt, new_tokens=args.tokens,
+                        configs=args.configs)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"{args.name}.json").write_text(_json.dumps(result, indent=2))
@@ -248,6 +249,9 @@ def build_parser():
     d.add_argument("--bits", nargs="*", type=int, default=[4])
     d.add_argument("--prompt", type=int, default=512)
     d.add_argument("--tokens", type=int, default=128)
+    d.add_argument("--configs", nargs="*", default=[""],
+                   help="JANG runs, each a comma-separated set of routes turned on beyond the defaults "
+                        "(e.g. '' 'compiled_decode' 'compiled_decode,qmv,swiglu')")
     d.set_defaults(func=cmd_bench_decode)
     return parser
 

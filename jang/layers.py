@@ -8,6 +8,8 @@ take over per backend.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear as _MlxSwitch
 
@@ -121,6 +123,8 @@ def adopt_all(model: nn.Module) -> int:
         fuse_mlps(model)
     if kernels.route("attention"):
         patch_attention()
+    if kernels.route("compiled_decode"):
+        compile_decode(model)
     return len(swaps)
 
 
@@ -190,3 +194,81 @@ def patch_attention() -> int:
         module.scaled_dot_product_attention = sdpa
         patched += 1
     return patched
+
+
+# ---------------------------------------------------------------- compiled decode
+# At decode every op is a few microseconds of GPU work and about as much host work
+# (Python builds each graph node, then MLX evaluates it), so a Llama-3-8B-shaped model
+# is bound by the host, not by its weights (docs/kernels.md). For one token, the parts
+# of a transformer block before and after the KV cache are pure functions of fixed
+# shapes: compiled once with mx.compile, each replays its ~10 ops from C++ in one call.
+# Only the cache update and attention stay eager. Weights are captured as constants,
+# so this is for inference: a model whose weights change afterwards must not use it.
+DECODE_BLOCK_MODULES = ("llama", "qwen2", "qwen3")  # mistral runs llama's class
+
+
+class _CompiledDecode:
+    """Mixin put in front of an mlx-lm TransformerBlock class (see DECODE_BLOCK_MODULES)."""
+
+    def __call__(self, x, mask=None, cache=None):
+        if x.shape[1] != 1 or mask is not None or type(cache) is not KVCache:
+            return super().__call__(x, mask, cache)
+        pre, post = self.__dict__.get("_jang_decode") or self.__dict__.setdefault(
+            "_jang_decode", (mx.compile(self._jang_pre), mx.compile(self._jang_post)))
+        q, k, v = pre(x, _offset_array(cache.offset))
+        k, v = cache.update_and_fetch(k, v)
+        attn = self.self_attn
+        return post(x, scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None))
+
+    # One token: (B, 1, H, D) and (B, H, 1, D) hold the same elements in the same order,
+    # so a reshape replaces mlx-lm's reshape + transpose (one graph node fewer each).
+    def _jang_pre(self, x, offset):
+        a = self.self_attn
+        B = x.shape[0]
+        h = self.input_layernorm(x)
+        out = []
+        for name, heads in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
+            y = getattr(a, f"{name}_proj")(h).reshape(B, heads, 1, -1)
+            norm = getattr(a, f"{name}_norm", None)  # qwen3's q/k norms
+            out.append(y if norm is None else norm(y))
+        q, k, v = out
+        return a.rope(q, offset=offset), a.rope(k, offset=offset), v
+
+    def _jang_post(self, x, attn_out):
+        h = x + self.self_attn.o_proj(attn_out.reshape(x.shape[0], 1, -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+_OFFSET = {}
+
+
+def _offset_array(offset: int):
+    """The position as an array, made once per decode step (every layer asks for it)."""
+    a = _OFFSET.get(offset)
+    if a is None:
+        _OFFSET.clear()
+        a = _OFFSET[offset] = mx.array(offset, mx.int32)
+    return a
+
+
+_DECODE_CLASSES = {}
+
+
+def compile_decode(model: nn.Module) -> int:
+    """Give the transformer blocks of known mlx-lm architectures the compiled one-token
+    path (_CompiledDecode); returns how many blocks were switched."""
+    import importlib
+
+    block_classes = set()
+    for name in DECODE_BLOCK_MODULES:
+        try:
+            block_classes.add(importlib.import_module(f"mlx_lm.models.{name}").TransformerBlock)
+        except (ImportError, AttributeError):
+            continue
+    count = 0
+    for _, m in model.named_modules():
+        cls = type(m)
+        if cls in block_classes:
+            m.__class__ = _DECODE_CLASSES.setdefault(cls, type(f"Compiled{cls.__name__}", (_CompiledDecode, cls), {}))
+            count += 1
+    return count

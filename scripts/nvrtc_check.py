@@ -42,7 +42,7 @@ KERNELS = {
 
 def source(name):
     inputs, template = KERNELS[name]
-    body = dialect.translate(dialect.body(name), "cuda")
+    head, body = dialect.source(name, "cuda")  # exactly the text MLX is handed
     args = []
     for n, t in inputs:
         args.append(f"const {t}* {n}")
@@ -53,7 +53,7 @@ def source(name):
     out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
     args.append(f"{out_t}* out")
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
-            + dialect.header("cuda") + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body
             + "\n}\n}\n")
 

@@ -1,50 +1,80 @@
-"""Where a decode step's GPU time goes: top CUDA kernels of a few decode steps of a
-Llama-3-8B-shaped model (fewer layers; per-layer shapes are the model's), mlx-lm's ops
-vs JANG's kernels, from CUPTI through torch.profiler. GPU only."""
+"""Where a decode step's time goes, per token, for mlx-lm and for JANG configs on a
+Llama-3-8B-shaped model (random weights, full depth): host time building the graph in
+Python, host time of MLX's eval (mx.eval after the build, nothing overlapping), GPU
+busy time (CUPTI kernel durations through torch.profiler) and CUDA kernels per token.
+The wall time per token of a pipelined decode is about max(build + eval, GPU).
+GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]"""
 
-import os
+import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from jang import bench_kernels as bk  # noqa: E402
+from jang import kernels  # noqa: E402
 from jang.layers import adopt_all  # noqa: E402
 
 
-def profile_steps(model, steps=8):
+def step(model, y, cache):
+    return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+
+
+def profile(model, steps=16):
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from mlx_lm.models.cache import make_prompt_cache
+    from torch.profiler import ProfilerActivity, profile as tprofile
 
     cache = make_prompt_cache(model)
-    y = mx.argmax(model(mx.random.randint(0, 1000, (1, 64)), cache=cache)[:, -1], axis=-1)
-    for _ in range(3):
-        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+    y = mx.argmax(model(mx.random.randint(0, 1000, (1, 512)), cache=cache)[:, -1], axis=-1)
+    for _ in range(4):
+        y = step(model, y, cache)
     mx.eval(y)
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
+    build = evals = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        y = step(model, y, cache)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        t2 = time.perf_counter()
+        build, evals = build + t1 - t0, evals + t2 - t1
+    with tprofile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(steps):
-            y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+            y = step(model, y, cache)
             mx.eval(y)
-    totals = {}
-    for e in p.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = totals.setdefault(e.name[:90], [0, 0.0])
-            t[0] += 1
-            t[1] += e.time_range.elapsed_us()
-    total = sum(v[1] for v in totals.values())
-    print(f"  GPU time per step {total / steps:.0f} µs")
-    for name, (n, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]:
-        print(f"  {us / steps:8.1f} µs/step {n / steps:5.1f}x  {name}")
+    kernels_run = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.time_range.elapsed_us() for e in kernels_run) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        y = step(model, y, cache)
+        mx.async_eval(y)
+    mx.eval(y)
+    wall = (time.perf_counter() - t0) / steps
+    return {"build_ms": build / steps * 1e3, "eval_ms": evals / steps * 1e3, "gpu_ms": gpu / 1e3,
+            "kernels": len(kernels_run) / steps, "pipelined_ms": wall * 1e3, "tok_s": 1 / wall}
 
 
-bk.DECODE_MODELS["llama-3-8b-4l"] = {**bk.DECODE_MODELS["llama-3-8b"], "num_hidden_layers": 4}
-model = bk.random_llama("llama-3-8b-4l", 4)
-os.environ["JANG_KERNELS"] = "reference"
-print("mlx-lm ops:")
-profile_steps(model)
-adopt_all(model)
-os.environ.pop("JANG_KERNELS")
-print("JANG kernels:")
-profile_steps(model)
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    name = sys.argv[2] if len(sys.argv) > 2 else "llama-3-8b"
+    configs = sys.argv[3:] or ["", "compiled_decode", "compiled_decode,swiglu", "compiled_decode,swiglu,qmv"]
+    rows = []
+    model = bk.random_llama(name, 4)
+    rows.append({"config": "mlx-lm", **profile(model)})
+    print(rows[-1], flush=True)
+    del model
+    for config in configs:
+        with kernels.enabled(op for op in config.split(",") if op):
+            model = bk.random_llama(name, 4)
+            adopt_all(model)
+            rows.append({"config": config or "default", **profile(model)})
+            del model
+        print(rows[-1], flush=True)
+    if out:
+        Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

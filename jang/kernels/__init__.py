@@ -12,6 +12,7 @@ turns on routes that are off by default.
 """
 
 import os
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -34,6 +35,7 @@ ROUTES = {
         "swiglu": False,  # as qmv
         "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
         "attention": False,  # MLX's decode SDPA was 10x faster on the GPU (11 vs 110 us at 1k context)
+        "compiled_decode": False,  # layers.compile_decode: one compiled call before and after the KV cache
     },
     "metal": {},
 }
@@ -42,11 +44,26 @@ ROUTES = {
 _BACKENDS = {}
 
 
+def _env_reader(name: str):
+    """A fast reader of one environment variable. os.environ.get costs ~1-2 us (it
+    encodes the key and decodes the value on every call), and backend() runs on every
+    layer call; the mapping's own dict is read directly where it exists (CPython on
+    POSIX), so a test or a user changing os.environ at run time is still seen."""
+    data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if isinstance(data, dict) and encode and decode:
+        key = encode(name)
+        return lambda: "" if (v := data.get(key)) is None else decode(v)
+    return lambda: os.environ.get(name, "")
+
+
+_forced = _env_reader("JANG_KERNELS")
+
+
 def backend() -> str:
     """'reference' when forced, else the backend MLX runs on: 'cuda', 'metal' or 'cpu'.
     Asked on every layer call, so the answer is cached per (JANG_KERNELS, device type):
     at decode, host time per op is what the GPU waits on."""
-    key = (os.environ.get("JANG_KERNELS", ""), mx.default_device().type)
+    key = (_forced(), mx.default_device().type)
     found = _BACKENDS.get(key)
     if found is None:
         found = _BACKENDS[key] = _detect(*key)
@@ -70,6 +87,18 @@ _NO_ROUTES = {}
 _ENABLED = {op for op in os.environ.get("JANG_ENABLE", "").split(",") if op}
 
 
+@contextmanager
+def enabled(ops):
+    """Turn routes on for the duration (as JANG_ENABLE does for a whole process)."""
+    saved = set(_ENABLED)
+    _ENABLED.update(ops)
+    try:
+        yield
+    finally:
+        _ENABLED.clear()
+        _ENABLED.update(saved)
+
+
 def route(op: str, default=False, b=None):
     """The route for op on backend b (default: the current one)."""
     b = b or backend()
@@ -78,21 +107,32 @@ def route(op: str, default=False, b=None):
     return ROUTES.get(b, _NO_ROUTES).get(op, default)
 
 
+def _matmul_op(tokens: int, b: str):
+    """Which fused GEMM path serves this many tokens on backend b, or None for MLX's op."""
+    if tokens <= gpu.QMV_MAX_M:
+        return "qmv" if route("qmv", b=b) else None
+    prefill = route("prefill", "mlx", b)
+    if prefill == "qmm" or (prefill == "dequant" and tokens >= gpu.DEQUANT_MIN_M):
+        return prefill
+    return None
+
+
+_FUSED_MATMUL = {"qmv": gpu.qmv, "qmm": gpu.qmm, "dequant": gpu.dequant_matmul}
+
+
 def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
+    # Ordered cheapest first: at decode this runs once per layer per token, and MLX's
+    # own call costs ~2 us of host time, so the checks must cost less than that.
     b = backend()
     if b == "cpu":
         return cpu.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
-    if (b in ROUTES and ROUTES[b] and w.shape[0] * x.shape[-1] >= gpu.FUSED_MIN_WEIGHTS
-            and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
-        tokens = x.size // x.shape[-1]
-        if tokens <= gpu.QMV_MAX_M and route("qmv", b=b):
-            return gpu.qmv(x, w, scales, biases, group_size, bits)
-        prefill = route("prefill", "mlx", b)
-        if tokens > gpu.QMV_MAX_M and prefill == "qmm":
-            return gpu.qmm(x, w, scales, biases, group_size, bits)
-        if tokens >= gpu.DEQUANT_MIN_M and prefill == "dequant":
-            return gpu.dequant_matmul(x, w, scales, biases, group_size, bits)
-    return reference.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
+    if b in ROUTES:
+        op = _matmul_op(x.size // x.shape[-1], b)
+        if (op is not None and w.shape[0] * x.shape[-1] >= gpu.FUSED_MIN_WEIGHTS
+                and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
+            return _FUSED_MATMUL[op](x, w, scales, biases, group_size, bits)
+    return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
+                               group_size=group_size, bits=bits, mode=mode)
 
 
 def gather_qmm(x, w, scales, biases, indices, group_size, bits, mode="affine", sorted_indices=False):

@@ -192,14 +192,68 @@ def header(dialect: str) -> str:
     return PRELUDE[dialect] + translate((SRC / "common.inc").read_text(), dialect)
 
 
+def minify(text: str) -> str:
+    """text without comments, indentation or blank lines. MLX rebuilds and hashes a
+    kernel's whole source string on every launch (mx.fast.cuda_kernel), so at decode
+    every byte of it is host time; preprocessor lines keep their own line."""
+    text = re.sub(r"//[^\n]*", "", text)
+    return "\n".join(line.strip() for line in text.split("\n") if line.strip())
+
+
+_HELPER = re.compile(r"\bjg_\w+")
+
+
+def _items(text: str) -> list:
+    """Top-level items of comment-free C-like text: (defined name or None, item text).
+    An item ends at the semicolon or closing brace that brings nesting back to zero;
+    its name is the last jg_ word before its first '(' or '{'."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        if depth == 0 and ch in ";}" and not text[i + 1:].lstrip().startswith(";"):
+            item = text[start:i + 1].strip()
+            start = i + 1
+            if item:
+                head = re.split(r"[({]", item, maxsplit=1)[0]
+                names = _HELPER.findall(head)
+                items.append((names[-1] if names else None, item))
+    tail = text[start:].strip()
+    if tail:
+        items.append((None, tail))
+    return items
+
+
+def _split_preprocessor(text: str):
+    lines = text.split("\n")
+    pre = [l for l in lines if l.startswith("#") and not l.startswith("#pragma")]
+    rest = "\n".join(l for l in lines if not (l.startswith("#") and not l.startswith("#pragma")))
+    return pre, rest
+
+
+@lru_cache(maxsize=None)
+def source(name: str, dialect: str) -> tuple:
+    """(header, body) of kernel ``name`` as it is built: minified, and the header cut
+    to the helpers the body uses (directly or through other helpers)."""
+    body_text = minify(translate(body(name), dialect))
+    pre, rest = _split_preprocessor(minify(header(dialect)))
+    items = _items(rest)
+    wanted, frontier = set(), set(_HELPER.findall(body_text))
+    while frontier:
+        wanted |= frontier
+        frontier = {ref for n, item in items if n in frontier for ref in _HELPER.findall(item)} - wanted
+    kept = [item for n, item in items if n is None or n in wanted]
+    return "\n".join(pre + kept) + "\n", body_text
+
+
 @lru_cache(maxsize=None)
 def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True):
     """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once)."""
     import mlx.core as mx
 
-    src = translate(body(name), dialect)
-    if dialect == "cuda":
-        return mx.fast.cuda_kernel(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
-                                   source=src, header=header(dialect), ensure_row_contiguous=contiguous)
-    return mx.fast.metal_kernel(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
-                                source=src, header=header(dialect), ensure_row_contiguous=contiguous)
+    head, src = source(name, dialect)
+    make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
+    return make(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
+                source=src, header=head, ensure_row_contiguous=contiguous)
