@@ -398,50 +398,67 @@ def bytes_per_token(model, context: int) -> int:
 
 
 def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128,
-               configs=("",)) -> dict:
+               configs=("",), rounds=3) -> dict:
     """mlx-lm's ops vs JANG on one model, once per config: a comma-separated set of
-    routes to turn on beyond kernels.ROUTES ("" = the defaults, as a user gets them)."""
+    routes to turn on ("qmv") or off ("compiled_decode=off") against kernels.ROUTES
+    ("" = the defaults, as a user gets them). Decode is bound by host work, which
+    drifts on a shared machine, so every model is built once and the runs alternate
+    for `rounds` rounds; each figure is the median over the rounds."""
+    import statistics
+
     from . import kernels
     from .layers import adopt_all
+
+    def median(runs, key):
+        return statistics.median(r[key] for r in runs)
 
     bw = copy_bandwidth()
     rows = []
     for name in models:
         for b in bits:
-            model = random_llama(name, b)
-            base = decode_speed(model, prompt_len, new_tokens)  # mlx-lm's modules and ops
-            nbytes = bytes_per_token(model, prompt_len + new_tokens // 2)
-            del model
+            contenders = {"mlx-lm": (random_llama(name, b), ())}
+            nbytes = bytes_per_token(contenders["mlx-lm"][0], prompt_len + new_tokens // 2)
+            for config in configs:
+                ops = tuple(op for op in config.split(",") if op)
+                with kernels.enabled(ops):
+                    model = random_llama(name, b)
+                    adopt_all(model)
+                contenders[config or "default"] = (model, ops)
+            runs = {key: [] for key in contenders}
+            for _ in range(rounds):
+                for key, (model, ops) in contenders.items():
+                    with kernels.enabled(ops):
+                        runs[key].append(decode_speed(model, prompt_len, new_tokens))
+            del contenders
             # copy_bandwidth counts the bytes read and written; a stream that only reads
             # moves its bytes at about the same total rate, so the floor is bytes / bw.
             limit_tps = bw / nbytes
-            for config in configs:
-                with kernels.enabled(op for op in config.split(",") if op):
-                    model = random_llama(name, b)
-                    adopt_all(model)
-                    jang = decode_speed(model, prompt_len, new_tokens)
-                    del model
-                rows.append({"model": name, "bits": b, "config": config or "default", "bytes_per_token": nbytes,
-                             "limit_tps": limit_tps, "mlx": base, "jang": jang})
-                print(f"{name} {b}-bit [{config or 'default'}]: mlx-lm {base['decode_tps']:.1f} tok/s, "
+            mlx_runs = runs.pop("mlx-lm")
+            base = {k: median(mlx_runs, k) for k in ("decode_tps", "prefill_tps")}
+            for config, config_runs in runs.items():
+                jang = {k: median(config_runs, k) for k in ("decode_tps", "prefill_tps")}
+                rows.append({"model": name, "bits": b, "config": config, "bytes_per_token": nbytes,
+                             "limit_tps": limit_tps, "mlx": base, "jang": jang, "rounds": rounds})
+                print(f"{name} {b}-bit [{config}]: mlx-lm {base['decode_tps']:.1f} tok/s, "
                       f"JANG {jang['decode_tps']:.1f} tok/s (limit {limit_tps:.1f}); "
                       f"prefill {base['prefill_tps']:.0f} vs {jang['prefill_tps']:.0f} tok/s", flush=True)
     return {"device": device_name(), "mlx": mx.__version__, "copy_GBps": bw / 1e9, "prompt": prompt_len,
-            "new_tokens": new_tokens, "routes": kernels.ROUTES.get("cuda"), "rows": rows}
+            "new_tokens": new_tokens, "rounds": rounds, "routes": kernels.ROUTES.get("cuda"), "rows": rows}
 
 
 def decode_markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, MLX {result['mlx']}; copy bandwidth {result['copy_GBps']:.0f} GB/s. "
-             f"Prompt {result['prompt']} random tokens, then {result['new_tokens']} greedy tokens; same quantized "
-             "weights (mlx-lm's `nn.quantize`, group 64), mlx-lm's ops vs JANG. JANG config: routes turned on beyond "
-             "the defaults (`JANG_ENABLE`). Bandwidth limit = bytes read per token / copy bandwidth (which counts "
-             "bytes read and written).", "",
-             "| model (random weights) | bits | JANG config | MB read / token | mlx-lm decode tok/s | JANG decode tok/s | speed-up | "
-             "JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
+             f"Prompt {result['prompt']} random tokens, then {result['new_tokens']} greedy tokens, medians of "
+             f"{result.get('rounds', 1)} alternating rounds; same quantized "
+             "weights (mlx-lm's `nn.quantize`, group 64), mlx-lm's ops vs JANG. JANG config: routes turned on (or "
+             "off, with =off) against the defaults (`JANG_ENABLE` / `JANG_DISABLE`). Bandwidth limit = bytes read "
+             "per token / copy bandwidth (which counts bytes read and written).", "",
+             "| model (random weights) | bits | JANG config | MB read / token | mlx-lm decode tok/s | "
+             "JANG decode tok/s | speed-up | JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         m, j = r["mlx"], r["jang"]
-        lines.append(f"| {r['model']} | {r['bits']} | {r.get('config', 'default')} | {r['bytes_per_token'] / 1e6:.0f} | {m['decode_tps']:.1f} | "
-                     f"{j['decode_tps']:.1f} | {j['decode_tps'] / m['decode_tps']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['bits']} | {r.get('config', 'default')} | {r['bytes_per_token'] / 1e6:.0f} "
+                     f"| {m['decode_tps']:.1f} | {j['decode_tps']:.1f} | {j['decode_tps'] / m['decode_tps']:.2f}x | "
                      f"{j['decode_tps'] / r['limit_tps']:.0%} | {m['prefill_tps']:.0f} | {j['prefill_tps']:.0f} |")
     return "\n".join(lines) + "\n"

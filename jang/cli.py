@@ -250,8 +250,8 @@ def build_parser():
     d.add_argument("--prompt", type=int, default=512)
     d.add_argument("--tokens", type=int, default=128)
     d.add_argument("--configs", nargs="*", default=[""],
-                   help="JANG runs, each a comma-separated set of routes turned on beyond the defaults "
-                        "(e.g. '' 'compiled_decode' 'compiled_decode,qmv,swiglu')")
+                   help="JANG runs, each a comma-separated set of routes turned on ('qmv') or off "
+                        "('compiled_decode=off') against the defaults; '' = the defaults")
     d.set_defaults(func=cmd_bench_decode)
     return parser
 

@@ -17,6 +17,8 @@ from . import kernels
 
 
 class QuantizedLinear(nn.QuantizedLinear):
+    jang_fusable = True  # the fused decode kernels (kernels.qkv ...) may read its arrays
+
     def __call__(self, x):
         y = kernels.quantized_matmul(
             x, self["weight"], self["scales"], self.get("biases"),
@@ -145,6 +147,17 @@ class _FusedSwiGLU:
         return super().__call__(x) if y is None else self.down_proj(y)
 
 
+def _mlp_residual(mlp, norm, h):
+    """h + mlp(norm(h)) with as few launches as the kernels allow: norm + gate + up +
+    SwiGLU in one, down + the residual add in another."""
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    y = None if down is None else kernels.swiglu(h, gate, up, norm=norm)
+    if y is None:
+        return h + mlp(norm(h))
+    out = kernels.linear_residual(y, down, h)
+    return h + down(y) if out is None else out
+
+
 _FUSED_CLASSES = {}
 
 
@@ -225,18 +238,25 @@ class _CompiledDecode:
     def _jang_pre(self, x, offset):
         a = self.self_attn
         B = x.shape[0]
-        h = self.input_layernorm(x)
+        projections = (a.q_proj, a.k_proj, a.v_proj)
+        qkv = kernels.qkv(x, projections, self.input_layernorm)  # norm + 3 GEMVs, one launch
+        if qkv is None:
+            h = self.input_layernorm(x)
+            qkv = [p(h) for p in projections]
         out = []
-        for name, heads in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
-            y = getattr(a, f"{name}_proj")(h).reshape(B, heads, 1, -1)
+        for y, name, heads in zip(qkv, "qkv", (a.n_heads, a.n_kv_heads, a.n_kv_heads)):
+            y = y.reshape(B, heads, 1, -1)
             norm = getattr(a, f"{name}_norm", None)  # qwen3's q/k norms
             out.append(y if norm is None else norm(y))
         q, k, v = out
         return a.rope(q, offset=offset), a.rope(k, offset=offset), v
 
     def _jang_post(self, x, attn_out):
-        h = x + self.self_attn.o_proj(attn_out.reshape(x.shape[0], 1, -1))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        o = attn_out.reshape(x.shape[0], 1, -1)
+        h = kernels.linear_residual(o, self.self_attn.o_proj, x)  # o_proj + residual, one launch
+        if h is None:
+            h = x + self.self_attn.o_proj(o)
+        return _mlp_residual(self.mlp, self.post_attention_layernorm, h)
 
 
 _OFFSET = {}

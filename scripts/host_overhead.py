@@ -61,7 +61,7 @@ def main():
     jl = adopt(lin)
     assert isinstance(jl, QuantizedLinear)
 
-    kern, template, grid, tg = gpu._qmv_launch(1, N, 4, 64, mx.float16, **gpu.QMV)
+    kern, template, grid, tg = gpu._qmv_launch(1, (N,), 4, 64, mx.float16, **gpu.QMV)
     full = unminified_qmv()
     trivial = mx.fast.cuda_kernel(name="jang_trivial", input_names=["x"], output_names=["out"],
                                   source="const int i = threadIdx.x + blockIdx.x * blockDim.x;\n"

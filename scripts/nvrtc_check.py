@@ -39,10 +39,23 @@ KERNELS = {
                   "using T = __half; constexpr int D = 128; constexpr int WINDOW = 0; constexpr int WARPS = 4;"),
 }
 
+H = "__half"
+# the fused decode variants (macros of qmv.body / swiglu.body): name -> (body, defines,
+# extra inputs, extra outputs)
+VARIANTS = {
+    "qmv_norm_resid": ("qmv", ("JG_NORM", "JG_RESID"), [("norm_w", H), ("eps", "float"), ("resid", H)], []),
+    "qmv_multi_norm": ("qmv", ("JG_MULTI", "JG_NORM"),
+                       [("w1", "uint32_t"), ("scales1", H), ("biases1", H), ("w2", "uint32_t"), ("scales2", H),
+                        ("biases2", H), ("norm_w", H), ("eps", "float")], ["out1", "out2"]),
+    "swiglu_norm": ("swiglu", ("JG_NORM",), [("norm_w", H), ("eps", "float")], []),
+}
+
 
 def source(name):
-    inputs, template = KERNELS[name]
-    head, body = dialect.source(name, "cuda")  # exactly the text MLX is handed
+    body_name, defines, extra_in, extra_out = VARIANTS.get(name, (name, (), [], []))
+    inputs, template = KERNELS[body_name]
+    inputs = inputs + extra_in
+    head, body = dialect.source(body_name, "cuda", defines)  # exactly the text MLX is handed
     args = []
     for n, t in inputs:
         args.append(f"const {t}* {n}")
@@ -51,7 +64,7 @@ def source(name):
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix}")
     out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
-    args.append(f"{out_t}* out")
+    args += [f"{out_t}* {o}" for o in ["out", *extra_out]]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body
@@ -80,7 +93,7 @@ def compile_one(lib, name):
 
 def main():
     lib = ctypes.CDLL(str(ROOT / "lib" / "libnvrtc.so.13"))
-    names = sys.argv[1:] or list(KERNELS)
+    names = sys.argv[1:] or [*KERNELS, *VARIANTS]
     ok = all([compile_one(lib, n) for n in names])
     sys.exit(0 if ok else 1)
 

@@ -48,7 +48,7 @@ COMPILER = shutil.which("clang++") or shutil.which("g++") or shutil.which("c++")
 
 
 @pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to check the Metal sources' syntax")
-@pytest.mark.parametrize("name", BODIES)
+@pytest.mark.parametrize("name", BODIES + sorted(metal_export.VARIANTS))
 def test_metal_source_compiles_for_syntax(name):
     src = ROOT / "metal" / f"{name}.metal"
     result = subprocess.run([COMPILER, "-fsyntax-only", "-std=c++17", "-x", "c++", "-Wno-attributes",

@@ -135,3 +135,67 @@ def test_attention(window, dtype):
         up = lambda a: a.astype(mx.float32)  # noqa: E731
         ref = mx.fast.scaled_dot_product_attention(up(q), up(k), up(v), scale=scale, mask=mask)
         assert rel_err(gpu.attention(q, k, v, scale, window), ref) < TOL[dtype]
+
+
+def rms_norm_ref(x, w, eps):
+    x32 = x.astype(mx.float32)
+    return x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps) * w.astype(mx.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_qmv_fusions(bits, dtype):
+    """The decode fusions: input RMSNorm, residual add, and q/k/v in one launch."""
+    k = 512
+    mats = [quantized(n, k, bits, 64, dtype, seed=i) for i, n in enumerate((256, 64, 64))]
+    nw = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    for m in (1, 3):
+        x = mx.random.normal((m, k)).astype(dtype)
+        xn = rms_norm_ref(x, nw, 1e-5)
+        resid = mx.random.normal((m, 256)).astype(dtype)
+        ref = reference_matmul(xn, *mats[0], 64, bits)
+        assert rel_err(gpu.qmv(x, *mats[0], 64, bits, norm=(nw, 1e-5)), ref) < 2 * TOL[dtype]
+        ref = resid.astype(mx.float32) + reference_matmul(x, *mats[0], 64, bits)
+        assert rel_err(gpu.qmv(x, *mats[0], 64, bits, resid=resid), ref) < TOL[dtype]
+        outs = gpu.qmv_multi(x, mats, 64, bits, norm=(nw, 1e-5))
+        for out, mat in zip(outs, mats):
+            assert out.shape == (m, mat[0].shape[0])
+            assert rel_err(out, reference_matmul(xn, *mat, 64, bits)) < 2 * TOL[dtype]
+        gate, up = mats[1], mats[2]
+        g, u = reference_matmul(xn, *gate, 64, bits), reference_matmul(xn, *up, 64, bits)
+        assert rel_err(gpu.swiglu(x, gate, up, 64, bits, norm=(nw, 1e-5)), g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
+
+
+def test_compiled_decode_with_fused_kernels():
+    """A Llama-shaped model decoding through the compiled path with every decode fusion
+    on gives the logits of mlx-lm's own modules."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from jang import kernels
+    from jang.layers import adopt_all
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, rms_norm_eps=1e-5,
+                           rope_theta=10000.0)
+    mx.random.seed(3)
+    model = llama.Model(args)
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+
+    def decode():
+        cache = make_prompt_cache(model)
+        logits = [model(mx.array([[5, 6, 7, 8]]), cache=cache)[:, -1]]
+        tok = mx.argmax(logits[-1], -1)
+        for _ in range(4):
+            logits.append(model(tok[:, None], cache=cache)[:, -1])
+            tok = mx.argmax(logits[-1], -1)
+        return mx.concatenate(logits).astype(mx.float32)
+
+    ref = decode()
+    with kernels.enabled({"qmv", "swiglu", "compiled_decode"}):
+        adopt_all(model)
+        out = decode()
+    assert type(model.model.layers[0]).__name__.startswith("Compiled")
+    assert rel_err(out, ref) < 1e-2

@@ -8,7 +8,8 @@ backend, and only where ``jang bench kernels`` showed they beat MLX's own op
 (``ROUTES`` below; results in docs/kernels.md).
 
 ``JANG_KERNELS=reference`` forces the MLX path everywhere; ``JANG_ENABLE=qmv,swiglu``
-turns on routes that are off by default.
+turns on routes that are off by default, ``JANG_DISABLE=compiled_decode`` turns
+routes off.
 """
 
 import os
@@ -19,23 +20,26 @@ import mlx.core as mx
 from . import cpu, gpu, reference
 
 # Which fused kernel runs, per backend, from the H100 measurements in docs/kernels.md.
-# Per launch, on the GPU, JANG's GEMV, SwiGLU, embedding and norm+RoPE kernels beat
-# MLX's ops (1.3-2.9x); end to end, decode is bound by host work per launch, where an
-# mx.fast.cuda_kernel call costs ~12 us against ~2.4 us for MLX's quantized_matmul, so
-# routing decode GEMVs through JANG made Llama-3-8B decode slower (0.57-0.86x). Decode
-# therefore stays on MLX's ops until that host cost is gone; prefill (dequantize +
-# cuBLAS from 512 tokens, 1.8-3.2x per GEMM, 1.2-1.8x end to end) and the embedding
-# gather are on.
+# At decode each MLX op costs ~5-9 us of host time (Python, then MLX's eval), and a
+# Llama-3-8B-shaped model runs ~580 of them per token, so decode is as much host-bound
+# as bandwidth-bound. A plain swap of MLX's GEMV for JANG's faster one made the model
+# slower (a custom kernel costs more host time per launch); what wins is fewer launches:
+# the compiled one-token block (compiled_decode) with the fused decode kernels inside it
+# (fused_decode: RMSNorm + q/k/v in one launch, o_proj + residual, RMSNorm + gate + up +
+# SwiGLU, down + residual) runs 324 launches per token instead of 583, 1.56x mlx-lm's
+# decode on the 8B shape. Prefill (dequantize + cuBLAS from 512 tokens, 1.8-3.2x per
+# GEMM) and the embedding gather are on too.
 # Metal is compiled for syntax only (no Apple GPU here): MLX's ops until measured.
 ROUTES = {
     "cuda": {
-        "qmv": False,  # dequant GEMV for up to gpu.QMV_MAX_M tokens: faster kernel, slower model (host-bound)
+        "qmv": False,  # dequant GEMV for any layer call: faster kernel, slower model outside compiled decode
         "prefill": "dequant",  # many tokens: "qmm" (fused tensor-core, 2-3x slower than MLX), "dequant" or "mlx"
         "embedding": True,
-        "swiglu": False,  # as qmv
+        "swiglu": False,  # as qmv (the MLP outside compiled decode)
         "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
         "attention": False,  # MLX's decode SDPA was 10x faster on the GPU (11 vs 110 us at 1k context)
-        "compiled_decode": False,  # layers.compile_decode: one compiled call before and after the KV cache
+        "compiled_decode": True,  # layers.compile_decode: one compiled call before and after the KV cache
+        "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
     },
     "metal": {},
 }
@@ -85,23 +89,30 @@ _NO_ROUTES = {}
 # for trying the kernels end to end); it never applies on the CPU or when forced to
 # the reference path.
 _ENABLED = {op for op in os.environ.get("JANG_ENABLE", "").split(",") if op}
+_DISABLED = {op for op in os.environ.get("JANG_DISABLE", "").split(",") if op}
 
 
 @contextmanager
 def enabled(ops):
-    """Turn routes on for the duration (as JANG_ENABLE does for a whole process)."""
-    saved = set(_ENABLED)
-    _ENABLED.update(ops)
+    """Turn routes on ("qmv") or off ("compiled_decode=off") for the duration, as
+    JANG_ENABLE / JANG_DISABLE do for a whole process."""
+    saved = set(_ENABLED), set(_DISABLED)
+    for op in ops:
+        name, _, state = op.partition("=")
+        (_DISABLED if state == "off" else _ENABLED).add(name)
     try:
         yield
     finally:
-        _ENABLED.clear()
-        _ENABLED.update(saved)
+        for live, old in zip((_ENABLED, _DISABLED), saved):
+            live.clear()
+            live.update(old)
 
 
 def route(op: str, default=False, b=None):
     """The route for op on backend b (default: the current one)."""
     b = b or backend()
+    if op in _DISABLED:
+        return default
     if op in _ENABLED and b in ROUTES:
         return ROUTES[b].get(op) or True
     return ROUTES.get(b, _NO_ROUTES).get(op, default)
@@ -147,19 +158,57 @@ def embedding_lookup(ids, w, scales, biases, group_size, bits, mode="affine"):
     return reference.embedding_lookup(ids, w, scales, biases, group_size, bits, mode)
 
 
-def swiglu(x, gate, up):
-    """silu(gate(x)) * up(x) through the fused kernel, or None where it does not apply
-    (the caller then runs the unfused layers)."""
-    if not route("swiglu") or x.size // x.shape[-1] > gpu.QMV_MAX_M:
+def _plain(layer) -> bool:
+    """A JANG quantized linear layer without bias (what the fused GEMVs read)."""
+    return getattr(layer, "jang_fusable", False) and "bias" not in layer
+
+
+def _rms(norm):
+    """(weight, eps) of a plain RMSNorm module (Gemma's 1 + w variant is another class)."""
+    import mlx.nn as nn
+
+    return (norm.weight, norm.eps) if type(norm) is nn.RMSNorm else None
+
+
+def _fusable(op, x, layers, norm=None) -> bool:
+    if not route(op) or x.size // x.shape[-1] > gpu.QMV_MAX_M or not all(_plain(m) for m in layers):
+        return False
+    if norm is not None and (_rms(norm) is None or norm.weight.dtype != x.dtype):
+        return False
+    first = layers[0]
+    return all((m.bits, m.group_size, m.mode) == (first.bits, first.group_size, first.mode)
+               and gpu.supports_affine(x, m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, m.mode)
+               for m in layers)
+
+
+def _arrays(layer):
+    return layer["weight"], layer["scales"], layer["biases"]
+
+
+def swiglu(x, gate, up, norm=None):
+    """silu(gate(x)) * up(x) through the fused kernel (with norm: of norm(x)), or None
+    where it does not apply (the caller then runs the unfused layers)."""
+    if not _fusable("swiglu" if norm is None else "fused_decode", x, (gate, up), norm):
         return None
-    if gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
+    if norm is None and gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
+        return None  # a plain swap of launches: only where the kernel is faster on the GPU
+    return gpu.swiglu(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits,
+                      norm=None if norm is None else _rms(norm))
+
+
+def qkv(x, projections, norm):
+    """The three projections of norm(x) in one launch, or None where it does not apply."""
+    if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok([_arrays(p) for p in projections]):
         return None
-    if (gate.bits, gate.group_size, gate.mode) != (up.bits, up.group_size, up.mode) or "bias" in gate or "bias" in up:
+    first = projections[0]
+    return gpu.qmv_multi(x, [_arrays(p) for p in projections], first.group_size, first.bits, norm=_rms(norm))
+
+
+def linear_residual(x, layer, resid):
+    """resid + layer(x) in one launch, or None where it does not apply."""
+    if not _fusable("fused_decode", x, (layer,)) or resid.shape[-1] != layer["weight"].shape[0] or resid.dtype != x.dtype:
         return None
-    if not gpu.supports_affine(x, gate["weight"], gate["scales"], gate.get("biases"), gate.group_size, gate.bits, gate.mode):
-        return None
-    return gpu.swiglu(x, (gate["weight"], gate["scales"], gate["biases"]), (up["weight"], up["scales"], up["biases"]),
-                      gate.group_size, gate.bits)
+    return gpu.qmv(x, *_arrays(layer), layer.group_size, layer.bits, resid=resid)
 
 
 def attention(q, k, v, scale, mask):

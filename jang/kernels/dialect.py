@@ -234,10 +234,11 @@ def _split_preprocessor(text: str):
 
 
 @lru_cache(maxsize=None)
-def source(name: str, dialect: str) -> tuple:
+def source(name: str, dialect: str, defines: tuple = ()) -> tuple:
     """(header, body) of kernel ``name`` as it is built: minified, and the header cut
-    to the helpers the body uses (directly or through other helpers)."""
-    body_text = minify(translate(body(name), dialect))
+    to the helpers the body uses (directly or through other helpers). ``defines``
+    are macros set at the top of the body: a body's optional fusions (JG_NORM ...)."""
+    body_text = "".join(f"#define {d} 1\n" for d in defines) + minify(translate(body(name), dialect))
     pre, rest = _split_preprocessor(minify(header(dialect)))
     items = _items(rest)
     wanted, frontier = set(), set(_HELPER.findall(body_text))
@@ -249,11 +250,13 @@ def source(name: str, dialect: str) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True):
-    """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once)."""
+def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = ()):
+    """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once). Each
+    set of defines gets its own kernel name: MLX caches compiled kernels by name."""
     import mlx.core as mx
 
-    head, src = source(name, dialect)
+    head, src = source(name, dialect, defines)
     make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
-    return make(name=f"jang_{name}", input_names=list(inputs), output_names=list(outputs),
+    full_name = "_".join([f"jang_{name}", *(d.lower().removeprefix("jg_") for d in defines)])
+    return make(name=full_name, input_names=list(inputs), output_names=list(outputs),
                 source=src, header=head, ensure_row_contiguous=contiguous)

@@ -50,25 +50,70 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
+# Optional fusions of the GEMV (macros of qmv.body / swiglu.body) and the inputs each
+# one adds, in the kernel's argument order.
+MULTI_INPUTS = ("w1", "scales1", "biases1", "w2", "scales2", "biases2")
+FUSION_INPUTS = {"JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",)}
+
+
 @lru_cache(maxsize=None)
-def _qmv_launch(M, N, bits, group_size, dtype, R, U, WARPS, MT):
+def _eps(value: float):
+    return mx.array([value], mx.float32)
+
+
+def _fusion_args(norm, resid):
+    """(defines, extra inputs) for an optional input RMSNorm (weight, eps) and residual."""
+    defines, extra = (), []
+    if norm is not None:
+        defines, extra = ("JG_NORM",), [norm[0], _eps(float(norm[1]))]
+    if resid is not None:
+        defines, extra = defines + ("JG_RESID",), extra + [resid]
+    return defines, extra
+
+
+@lru_cache(maxsize=None)
+def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=()):
     """Kernel object, template and geometry for one GEMV shape: computed once, since at
-    decode the host's per-launch work is what separates a fast kernel from a fast model."""
+    decode the host's per-launch work is what separates a fast kernel from a fast model.
+    Ns: the rows of each weight matrix (three with JG_MULTI)."""
     mt = min(MT, M)
     template = (("T", dtype), ("BITS", bits), ("GS", group_size), ("R", R), ("MT", mt), ("U", U), ("WARPS", WARPS))
-    grid = (math.ceil(N / (WARPS * R)) * WARPS * 32, math.ceil(M / mt), 1)
-    kern = dialect.kernel("qmv", ("x", "w", "scales", "biases"), ("out",), _dialect())
+    blocks = sum(math.ceil(n / (WARPS * R)) for n in Ns)
+    grid = (blocks * WARPS * 32, math.ceil(M / mt), 1)
+    inputs = ("x", "w", "scales", "biases") + (MULTI_INPUTS if "JG_MULTI" in defines else ())
+    inputs += tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
+    kern = dialect.kernel("qmv", inputs, outputs, _dialect(), defines=defines)
     return kern, list(template), grid, (WARPS * 32, 1, 1)
 
 
-def qmv(x, w, scales, biases, group_size, bits, config=None):
-    """Dequant + GEMV for a few tokens: x (..., K) -> (..., N)."""
+def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid=None):
+    """Dequant + GEMV for a few tokens: x (..., K) -> (..., N). norm=(weight, eps): x is
+    RMS-normalised first; resid: added to the result (both fused into the launch)."""
     c = QMV if config is None else {**QMV, **config}
     N = w.shape[0]
-    kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], N, bits, group_size, x.dtype,
-                                           c["R"], c["U"], c["WARPS"], c["MT"])
-    return kern(inputs=[x, w, scales, biases], template=template, grid=grid, threadgroup=tg,
+    defines, extra = _fusion_args(norm, resid)
+    kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], (N,), bits, group_size, x.dtype,
+                                           c["R"], c["U"], c["WARPS"], c["MT"], defines)
+    return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+def multi_rows_ok(mats) -> bool:
+    """Whether qmv_multi can serve these three matrices: each block serves one matrix."""
+    return all(m[0].shape[0] % (QMV["WARPS"] * QMV["R"]) == 0 for m in mats)
+
+
+def qmv_multi(x, mats, group_size, bits, *, norm=None):
+    """Three GEMVs of one x in one launch (q, k and v): mats = three (w, scales, biases)
+    of the same bits and group size -> three outputs."""
+    c = QMV
+    Ns = tuple(m[0].shape[0] for m in mats)
+    defines, extra = _fusion_args(norm, None)
+    kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], Ns, bits, group_size, x.dtype,
+                                           c["R"], c["U"], c["WARPS"], c["MT"], ("JG_MULTI",) + defines)
+    return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], n) for n in Ns], output_dtypes=[x.dtype] * 3)
 
 
 def qmm(x, w, scales, biases, group_size, bits, config=None):
@@ -106,18 +151,21 @@ def dequant_matmul(x, w, scales, biases, group_size, bits):
 
 
 @lru_cache(maxsize=None)
-def _swiglu_launch(M, N, bits, group_size, dtype, warps, mt):
+def _swiglu_launch(M, N, bits, group_size, dtype, warps, mt, defines=()):
     mt = min(mt, M)
-    kern = dialect.kernel("swiglu", ("x", "wg", "sg_", "bg_", "wu", "su_", "bu_"), ("out",), _dialect())
+    inputs = ("x", "wg", "sg_", "bg_", "wu", "su_", "bu_") + tuple(i for d in defines for i in FUSION_INPUTS[d])
+    kern = dialect.kernel("swiglu", inputs, ("out",), _dialect(), defines=defines)
     template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("MT", mt), ("WARPS", warps)]
     return kern, template, (math.ceil(N / warps) * warps * 32, math.ceil(M / mt), 1), (warps * 32, 1, 1)
 
 
-def swiglu(x, gate, up, group_size, bits, warps=4, mt=4):
-    """silu(x @ Wg.T) * (x @ Wu.T) in one launch; gate and up are (w, scales, biases)."""
+def swiglu(x, gate, up, group_size, bits, warps=4, mt=4, *, norm=None):
+    """silu(x @ Wg.T) * (x @ Wu.T) in one launch; gate and up are (w, scales, biases).
+    norm=(weight, eps): x is RMS-normalised first, in the same launch."""
     N = gate[0].shape[0]
-    kern, template, grid, tg = _swiglu_launch(x.size // x.shape[-1], N, bits, group_size, x.dtype, warps, mt)
-    return kern(inputs=[x, *gate, *up], template=template, grid=grid, threadgroup=tg,
+    defines, extra = _fusion_args(norm, None)
+    kern, template, grid, tg = _swiglu_launch(x.size // x.shape[-1], N, bits, group_size, x.dtype, warps, mt, defines)
+    return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
 
