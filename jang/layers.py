@@ -158,28 +158,35 @@ def _mlp_residual(mlp, norm, h):
     return h + down(y) if out is None else out
 
 
-_FUSED_CLASSES = {}
+_MIXED_CLASSES = {}
 
 
-def fuse_mlps(model: nn.Module) -> int:
-    """Route the SwiGLU MLPs of known mlx-lm architectures through kernels.swiglu;
-    returns how many MLPs were switched (their arrays are untouched)."""
+def _put_mixin_in_front(model, modules, class_name, mixin, prefix, wanted=lambda m: True) -> int:
+    """Give every module of model whose class is ``mlx_lm.models.<name>.<class_name>``
+    (for name in modules) and that ``wanted`` accepts the subclass (mixin, its class):
+    the arrays stay where they are, only the forward pass changes. Returns the count."""
     import importlib
 
-    mlp_classes = set()
-    for name in SWIGLU_MODULES:
+    classes = set()
+    for name in modules:
         try:
-            mlp_classes.add(importlib.import_module(f"mlx_lm.models.{name}").MLP)
+            classes.add(getattr(importlib.import_module(f"mlx_lm.models.{name}"), class_name))
         except (ImportError, AttributeError):
             continue
     count = 0
     for _, m in model.named_modules():
         cls = type(m)
-        if cls in mlp_classes and all(isinstance(m.get(p), QuantizedLinear) for p in ("gate_proj", "up_proj")):
-            fused = _FUSED_CLASSES.setdefault(cls, type(f"Fused{cls.__name__}", (_FusedSwiGLU, cls), {}))
-            m.__class__ = fused
+        if cls in classes and wanted(m):
+            m.__class__ = _MIXED_CLASSES.setdefault((mixin, cls), type(f"{prefix}{cls.__name__}", (mixin, cls), {}))
             count += 1
     return count
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Route the SwiGLU MLPs of known mlx-lm architectures through kernels.swiglu;
+    returns how many MLPs were switched (their arrays are untouched)."""
+    return _put_mixin_in_front(model, SWIGLU_MODULES, "MLP", _FusedSwiGLU, "Fused",
+                               lambda m: all(isinstance(m.get(p), QuantizedLinear) for p in ("gate_proj", "up_proj")))
 
 
 def patch_attention() -> int:
@@ -271,24 +278,7 @@ def _offset_array(offset: int):
     return a
 
 
-_DECODE_CLASSES = {}
-
-
 def compile_decode(model: nn.Module) -> int:
     """Give the transformer blocks of known mlx-lm architectures the compiled one-token
     path (_CompiledDecode); returns how many blocks were switched."""
-    import importlib
-
-    block_classes = set()
-    for name in DECODE_BLOCK_MODULES:
-        try:
-            block_classes.add(importlib.import_module(f"mlx_lm.models.{name}").TransformerBlock)
-        except (ImportError, AttributeError):
-            continue
-    count = 0
-    for _, m in model.named_modules():
-        cls = type(m)
-        if cls in block_classes:
-            m.__class__ = _DECODE_CLASSES.setdefault(cls, type(f"Compiled{cls.__name__}", (_CompiledDecode, cls), {}))
-            count += 1
-    return count
+    return _put_mixin_in_front(model, DECODE_BLOCK_MODULES, "TransformerBlock", _CompiledDecode, "Compiled")
