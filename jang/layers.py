@@ -245,17 +245,20 @@ class _CompiledDecode:
     def _jang_pre(self, x, offset):
         a = self.self_attn
         B = x.shape[0]
+        heads = (a.n_heads, a.n_kv_heads, a.n_kv_heads)
+        qk_norms = [getattr(a, f"{n}_norm", None) for n in "qk"]  # qwen3 normalises heads before RoPE
         projections = (a.q_proj, a.k_proj, a.v_proj)
-        qkv = kernels.qkv(x, projections, self.input_layernorm)  # norm + 3 GEMVs, one launch
-        if qkv is None:
+        rope = a.rope if qk_norms == [None, None] else None
+        head_dim = a.q_proj["weight"].shape[0] // a.n_heads
+        # norm + 3 GEMVs (+ RoPE of q and k) in one launch
+        fused = kernels.qkv(x, projections, self.input_layernorm, rope, head_dim, offset)
+        if fused is not None and fused[3]:
+            return tuple(y.reshape(B, n, 1, -1) for y, n in zip(fused[:3], heads))
+        if fused is None:
             h = self.input_layernorm(x)
-            qkv = [p(h) for p in projections]
-        out = []
-        for y, name, heads in zip(qkv, "qkv", (a.n_heads, a.n_kv_heads, a.n_kv_heads)):
-            y = y.reshape(B, heads, 1, -1)
-            norm = getattr(a, f"{name}_norm", None)  # qwen3's q/k norms
-            out.append(y if norm is None else norm(y))
-        q, k, v = out
+            fused = [p(h) for p in projections]
+        q, k, v = (y.reshape(B, n, 1, -1) for y, n in zip(fused[:3], heads))
+        q, k = (y if norm is None else norm(y) for y, norm in zip((q, k), qk_norms))
         return a.rope(q, offset=offset), a.rope(k, offset=offset), v
 
     def _jang_post(self, x, attn_out):

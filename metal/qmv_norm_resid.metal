@@ -4,6 +4,8 @@ using namespace metal;
 inline float jg_warp_sum(float v) { return simd_sum(v); }
 inline float jg_bits_float(uint32_t v) { return as_type<float>(v); }
 inline float jg_rsqrt(float v) { return metal::rsqrt(v); }
+inline float jg_cos(float v) { return metal::precise::cos(v); }
+inline float jg_sin(float v) { return metal::precise::sin(v); }
 template <int BITS>
 inline void jg_decode32(const thread uint32_t* w, thread float* q) {
 constexpr uint32_t field = ((1u << BITS) - 1u) << (23 - BITS);
@@ -84,14 +86,30 @@ const device T* S = scales;
 const device T* B = biases;
 device T* O = out;
 int N = w_shape[0];
+#ifdef JG_ROPE
+bool rotate = false;
+#endif
 #ifdef JG_MULTI
 {
 const int b0 = N / (WARPS * R), b1 = w1_shape[0] / (WARPS * R);
 if (blk >= b0 + b1) { blk -= b0 + b1; W = w2; S = scales2; B = biases2; O = out2; N = w2_shape[0]; }
-else if (blk >= b0) { blk -= b0; W = w1; S = scales1; B = biases1; O = out1; N = w1_shape[0]; }
+else {
+if (blk >= b0) { blk -= b0; W = w1; S = scales1; B = biases1; O = out1; N = w1_shape[0]; }
+#ifdef JG_ROPE
+rotate = true;
+#endif
+}
 }
 #endif
-const int row0 = (blk * WARPS + int(simdgroup_index_in_threadgroup)) * R;
+int row0 = (blk * WARPS + int(simdgroup_index_in_threadgroup)) * R;
+int rs = 1;
+#ifdef JG_ROPE
+if (rotate && !TRADITIONAL) {
+const int pair = blk * WARPS + int(simdgroup_index_in_threadgroup);
+row0 = (pair / (D / 2)) * D + pair % (D / 2);
+rs = D / 2;
+}
+#endif
 const int m0 = int(threadgroup_position_in_grid.y) * MT;
 const int lane = int(thread_index_in_simdgroup);
 float acc[MT][R];
@@ -112,7 +130,7 @@ for (int u = 0; u < U; u++) {
 const int c = min(c0 + 32 * u, chunks - 1);
 #pragma unroll
 for (int r = 0; r < R; r++) {
-const int n = min(row0 + r, N - 1);
+const int n = min(row0 + r * rs, N - 1);
 jg_load_words<BITS>(W + n * row_words + c * BITS, wq[u][r]);
 const int g = n * row_groups + (c * 32) / GS;
 jg_fold<BITS>(static_cast<float>(S[g]), static_cast<float>(B[g]), sc[u][r], bi[u][r]);
@@ -159,15 +177,28 @@ const float scale = jg_rsqrt(jg_warp_sum(ss[m]) / float(K) + eps[0]);
 #else
 const float scale = 1.0f;
 #endif
+float v[R];
+#pragma unroll
+for (int r = 0; r < R; r++) v[r] = jg_warp_sum(acc[m][r]) * scale;
+#ifdef JG_ROPE
+if (rotate) {
+const float a = static_cast<float>(static_cast<T>(v[0])), b = static_cast<float>(static_cast<T>(v[1]));
+const float theta = static_cast<float>(offset[0]) * inv_freq[(row0 % D) / (TRADITIONAL ? 2 : 1)];
+const float cs = jg_cos(theta), sn = jg_sin(theta);
+v[0] = a * cs - b * sn;
+v[1] = a * sn + b * cs;
+}
+#endif
 #pragma unroll
 for (int r = 0; r < R; r++) {
-float v = jg_warp_sum(acc[m][r]) * scale;
-if (lane == 0 && m0 + m < M && row0 + r < N) {
-const int o = (m0 + m) * N + row0 + r;
+const int n = row0 + r * rs;
+if (lane == 0 && m0 + m < M && n < N) {
+const int o = (m0 + m) * N + n;
+float y = v[r];
 #ifdef JG_RESID
-v = static_cast<float>(resid[o]) + static_cast<float>(static_cast<T>(v));
+y = static_cast<float>(resid[o]) + static_cast<float>(static_cast<T>(y));
 #endif
-O[o] = static_cast<T>(v);
+O[o] = static_cast<T>(y);
 }
 }
 }}

@@ -48,12 +48,18 @@ VARIANTS = {
                        [("w1", "uint32_t"), ("scales1", H), ("biases1", H), ("w2", "uint32_t"), ("scales2", H),
                         ("biases2", H), ("norm_w", H), ("eps", "float")], ["out1", "out2"]),
     "swiglu_norm": ("swiglu", ("JG_NORM",), [("norm_w", H), ("eps", "float")], []),
+    "qmv_multi_norm_rope": ("qmv", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
+                            [("w1", "uint32_t"), ("scales1", H), ("biases1", H), ("w2", "uint32_t"), ("scales2", H),
+                             ("biases2", H), ("norm_w", H), ("eps", "float"), ("inv_freq", "float"),
+                             ("offset", "int32_t")], ["out1", "out2"]),
 }
 
 
 def source(name):
     body_name, defines, extra_in, extra_out = VARIANTS.get(name, (name, (), [], []))
     inputs, template = KERNELS[body_name]
+    if "JG_ROPE" in defines:
+        template += " constexpr int D = 128; constexpr bool TRADITIONAL = false;"
     inputs = inputs + extra_in
     head, body = dialect.source(body_name, "cuda", defines)  # exactly the text MLX is handed
     args = []

@@ -199,3 +199,23 @@ def test_compiled_decode_with_fused_kernels():
         out = decode()
     assert type(model.model.layers[0]).__name__.startswith("Compiled")
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("traditional", (False, True))
+def test_qkv_with_rope(traditional):
+    """q/k/v in one launch with RoPE on q and k, against mx.fast.rope of the reference."""
+    k, head_dim = 512, 64
+    mats = [quantized(n, k, 4, 64, mx.float16, seed=i) for i, n in enumerate((256, 128, 128))]
+    nw = (1 + 0.1 * mx.random.normal((k,))).astype(mx.float16)
+    inv_freq = gpu.rope_inv_freq(head_dim, 10000.0)
+    offset = mx.array(37, mx.int32)
+    x = mx.random.normal((2, 1, k)).astype(mx.float16)
+    outs = gpu.qmv_multi(x, mats, 64, 4, norm=(nw, 1e-5), rope=(inv_freq, offset, head_dim, traditional))
+    xn = rms_norm_ref(x, nw, 1e-5)
+    for i, (out, mat) in enumerate(zip(outs, mats)):
+        ref = reference_matmul(xn, *mat, 64, 4).astype(mx.float16)  # rounded, as RoPE reads it
+        heads = mat[0].shape[0] // head_dim
+        ref = ref.reshape(2, heads, 1, head_dim)
+        if i < 2:
+            ref = mx.fast.rope(ref, head_dim, traditional=traditional, base=10000.0, scale=1.0, offset=37)
+        assert rel_err(out.reshape(2, heads, 1, head_dim), ref) < 2 * TOL[mx.float16]

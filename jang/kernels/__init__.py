@@ -16,6 +16,7 @@ import os
 from contextlib import contextmanager
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import cpu, gpu, reference
 
@@ -165,8 +166,6 @@ def _plain(layer) -> bool:
 
 def _rms(norm):
     """(weight, eps) of a plain RMSNorm module (Gemma's 1 + w variant is another class)."""
-    import mlx.nn as nn
-
     return (norm.weight, norm.eps) if type(norm) is nn.RMSNorm else None
 
 
@@ -196,12 +195,40 @@ def swiglu(x, gate, up, norm=None):
                       norm=None if norm is None else _rms(norm))
 
 
-def qkv(x, projections, norm):
-    """The three projections of norm(x) in one launch, or None where it does not apply."""
-    if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok([_arrays(p) for p in projections]):
+def _rope_args(rope, head_dim: int, offset):
+    """(inv_freq, offset, head_dim, traditional) for the q/k/v kernel's RoPE, from the
+    mlx-lm rope module of an attention layer, or None for a kind it does not cover."""
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    if getattr(rope, "dims", None) != head_dim:  # partial rotary: MLX's rope
         return None
+    if type(rope) is nn.RoPE:
+        inv = rope.__dict__.get("_jang_inv_freq")
+        if inv is None:
+            inv = rope.__dict__["_jang_inv_freq"] = gpu.rope_inv_freq(rope.dims, rope.base, rope.scale)
+    elif type(rope) is Llama3RoPE:
+        inv = rope.__dict__.get("_jang_inv_freq")
+        if inv is None:
+            inv = rope.__dict__["_jang_inv_freq"] = gpu.rope_inv_freq(rope.dims, None, 1.0, rope._freqs)
+    else:
+        return None
+    return inv, offset, head_dim, rope.traditional
+
+
+def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
+    """The three projections of norm(x) in one launch, or None where it does not apply.
+    With rope (an mlx-lm rope module, the heads' size and the position as an array):
+    (q, k, v, True) with q and k already rotated where the kernel covers that rope,
+    else (q, k, v, False)."""
+    mats = [_arrays(p) for p in projections]
+    if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok(mats):
+        return None
+    rope_args = None if rope is None else _rope_args(rope, head_dim, offset)
+    if rope_args is not None and not gpu.multi_rows_ok(mats, head_dim):
+        rope_args = None
     first = projections[0]
-    return gpu.qmv_multi(x, [_arrays(p) for p in projections], first.group_size, first.bits, norm=_rms(norm))
+    q, k, v = gpu.qmv_multi(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args)
+    return q, k, v, rope_args is not None
 
 
 def linear_residual(x, layer, resid):

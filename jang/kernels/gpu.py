@@ -53,7 +53,7 @@ def _flat(x):
 # Optional fusions of the GEMV (macros of qmv.body / swiglu.body) and the inputs each
 # one adds, in the kernel's argument order.
 MULTI_INPUTS = ("w1", "scales1", "biases1", "w2", "scales2", "biases2")
-FUSION_INPUTS = {"JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",)}
+FUSION_INPUTS = {"JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset")}
 
 
 @lru_cache(maxsize=None)
@@ -72,12 +72,15 @@ def _fusion_args(norm, resid):
 
 
 @lru_cache(maxsize=None)
-def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=()):
+def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=(), head_dim=0, traditional=False):
     """Kernel object, template and geometry for one GEMV shape: computed once, since at
     decode the host's per-launch work is what separates a fast kernel from a fast model.
-    Ns: the rows of each weight matrix (three with JG_MULTI)."""
+    Ns: the rows of each weight matrix (three with JG_MULTI); head_dim, traditional:
+    the RoPE of JG_ROPE."""
     mt = min(MT, M)
     template = (("T", dtype), ("BITS", bits), ("GS", group_size), ("R", R), ("MT", mt), ("U", U), ("WARPS", WARPS))
+    if "JG_ROPE" in defines:
+        template += (("D", head_dim), ("TRADITIONAL", traditional))
     blocks = sum(math.ceil(n / (WARPS * R)) for n in Ns)
     grid = (blocks * WARPS * 32, math.ceil(M / mt), 1)
     inputs = ("x", "w", "scales", "biases") + (MULTI_INPUTS if "JG_MULTI" in defines else ())
@@ -99,19 +102,30 @@ def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
 
-def multi_rows_ok(mats) -> bool:
-    """Whether qmv_multi can serve these three matrices: each block serves one matrix."""
-    return all(m[0].shape[0] % (QMV["WARPS"] * QMV["R"]) == 0 for m in mats)
+def multi_rows_ok(mats, head_dim=None) -> bool:
+    """Whether qmv_multi can serve these three matrices: each block serves one matrix;
+    with RoPE (head_dim) each warp one rotation pair of a head."""
+    rows = QMV["WARPS"] * QMV["R"]
+    if head_dim is not None and (QMV["R"] != 2 or head_dim % 2):
+        return False
+    return all(m[0].shape[0] % rows == 0 and (head_dim is None or m[0].shape[0] % head_dim == 0) for m in mats)
 
 
-def qmv_multi(x, mats, group_size, bits, *, norm=None):
+def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None):
     """Three GEMVs of one x in one launch (q, k and v): mats = three (w, scales, biases)
-    of the same bits and group size -> three outputs."""
+    of the same bits and group size -> three outputs. rope=(inv_freq, offset, head_dim,
+    traditional): q and k rotated at position offset (every token of x at that one
+    position: one-token decode of a batch)."""
     c = QMV
     Ns = tuple(m[0].shape[0] for m in mats)
     defines, extra = _fusion_args(norm, None)
+    head_dim = traditional = 0
+    if rope is not None:
+        inv_freq, offset, head_dim, traditional = rope
+        defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
     kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], Ns, bits, group_size, x.dtype,
-                                           c["R"], c["U"], c["WARPS"], c["MT"], ("JG_MULTI",) + defines)
+                                           c["R"], c["U"], c["WARPS"], c["MT"], ("JG_MULTI",) + defines,
+                                           head_dim, bool(traditional))
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], n) for n in Ns], output_dtypes=[x.dtype] * 3)
 

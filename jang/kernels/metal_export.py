@@ -38,6 +38,10 @@ VARIANTS = {
                         ("scales2", "half"), ("biases2", "half"), ("norm_w", "half"), ("eps", "float")],
                        ["out1", "out2"]),
     "swiglu_norm": ("swiglu", ("JG_NORM",), [("norm_w", "half"), ("eps", "float")], []),
+    "qmv_multi_norm_rope": ("qmv", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
+                            [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"), ("w2", "uint32_t"),
+                             ("scales2", "half"), ("biases2", "half"), ("norm_w", "half"), ("eps", "float"),
+                             ("inv_freq", "float"), ("offset", "int")], ["out1", "out2"]),
 }
 
 # the [[attribute]] arguments MLX adds for the built-in names a body uses
@@ -48,6 +52,8 @@ ATTRIBUTES = ("thread_position_in_threadgroup", "threadgroup_position_in_grid",
 def metal_source(name: str) -> str:
     body_name, defines, extra_in, extra_out = VARIANTS.get(name, (name, (), [], []))
     inputs, out_type, template = CONFIGS[body_name]
+    if "JG_ROPE" in defines:
+        template += " constexpr int D = 128; constexpr bool TRADITIONAL = true;"
     inputs = inputs + extra_in
     head, body = dialect.source(body_name, "metal", defines)  # exactly the text MLX is handed
     args, slot = [], 0
