@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .capture import Recorder, Wrapper
+from .capture import Recorder, Wrapper, add_gram
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
@@ -59,6 +59,14 @@ def _unload(module):
     module.update(tree_unflatten([(k, mx.zeros((1,))) for k, _ in tree_flatten(module.parameters())]))
 
 
+def _forward(layer, xs: list, layer_args: list):
+    """Each chunk's activations through the layer, replaced in place: only one chunk's
+    new activations exist beside the stream at a time."""
+    for c, (args, kwargs) in enumerate(layer_args):
+        xs[c] = layer(xs[c], *args, **kwargs)
+        mx.eval(xs[c])
+
+
 def _spill(folder, name, arrays: dict):
     folder.mkdir(exist_ok=True)
     mx.save_safetensors(str(folder / f"{name}.safetensors"), arrays)
@@ -77,9 +85,22 @@ def _dequantized(wq, scales, biases, entry, dtype):
     return w.astype(mx.float32)
 
 
+# MLX keeps freed buffers for reuse up to a cache limit; here they would pile up
+# (a Hessian block, a layer's activations...) on top of what is live.
+CACHE_LIMIT = 64 << 20
+
+
 def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> dict:
     """Quantize plan's gptq entries layer by layer (and its other calibrated entries);
     returns output tensor name -> lazy array read from the spill files."""
+    previous = mx.set_cache_limit(CACHE_LIMIT)
+    try:
+        return _stage(model, fresh_weights, plan, chunks, spill_dir, progress)
+    finally:
+        mx.set_cache_limit(previous)
+
+
+def _stage(model, fresh_weights, plan, chunks, spill_dir, progress):
     todo = [t for t in plan if t.quantized and t.method == "gptq"]
     modules = dict(model.named_modules())
     for t in todo:  # as jang.quantize.apply_plan: GPTQ needs a linear
@@ -110,6 +131,7 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
     lm.layers[0] = first
     _unload(lm.embed_tokens)
     x_quant, x_float = inputs, list(inputs)
+    del inputs
 
     for i, layer in enumerate(lm.layers):
         prefix = f"model.layers.{i}."
@@ -120,22 +142,29 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
         inner = dict(layer.named_modules())
         stats = {}
         rel = [p[len(prefix):] for p in paths]
-        x_float = [mx.eval(y) or y for y in (layer(x, *a, **k) for x, (a, k) in zip(x_float, layer_args))]
+        _forward(layer, x_float, layer_args)
         layer.update_modules(tree_unflatten([(r, Recorder(inner[r], prefix + r, stats, full=True)) for r in rel]))
         for x, (a, k) in zip(x_quant, layer_args):
             mx.eval(layer(x, *a, **k))
         layer.update_modules(tree_unflatten([(r, inner[r]) for r in rel]))
         spilled = {}
-        for path, r in zip(paths, rel):
+        # smallest Hessian first, each freed once used: by the down projection (8192
+        # inputs: 268 MB) the others are gone
+        for path, r in sorted(zip(paths, rel), key=lambda p: stats[p[0]][0].size):
             entry = entries[path]
             source = inner[r].weight.astype(dtype)  # the source values (fp32 holds them exactly)
-            hess = np.asarray(stats[path][0])
-            wq, scales, biases = _quantize(source, entry, lambda w, b, g: gptq(w, hess, b, g, act_order=True))
+            mx.eval(source)
+            inner[r].weight = mx.zeros((1,))  # the fp32 copy is not needed while GPTQ works
+            hess = stats.pop(path)[0]
+            wq, scales, biases = _quantize(source, entry, lambda w, b, g, h=hess: gptq(
+                w, h, b, g, act_order=True, overwrite_hessian=True))
+            del hess, source
             inner[r].weight = _dequantized(wq, scales, biases, entry, dtype)
+            mx.eval(inner[r].weight)
             spilled.update({f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases})
             if progress:
                 progress(path)
-        x_quant = [mx.eval(y) or y for y in (layer(x, *a, **k) for x, (a, k) in zip(x_quant, layer_args))]
+        _forward(layer, x_quant, layer_args)
         if spilled:
             _spill(spill_dir, f"layer-{i:05d}", spilled)
         _unload(layer)
@@ -147,15 +176,19 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
     _load(lm.norm, weights, "model.norm.")
     head_q = [lm.norm(x) for x in x_quant]
     head_f = [lm.norm(x) for x in x_float]
+    mx.eval(head_q, head_f)
+    del x_quant, x_float
     spilled = {}
     for path, entry in entries.items():
         if path.startswith("model.layers."):
             continue
         source = weights[f"{path}.weight"]
         if entry.method == "gptq":  # an untied lm_head
-            xs = [h.reshape(-1, h.shape[-1]) for h in head_q]
-            hess = sum(x.T @ x for x in xs)
-            fn = lambda w, b, g, hess=np.asarray(hess): gptq(w, hess, b, g, act_order=True)  # noqa: E731
+            hess = np.zeros((head_q[0].shape[-1],) * 2, np.float32)
+            for h in head_q:
+                add_gram(hess, h.reshape(-1, h.shape[-1]))
+            fn = lambda w, b, g, hess=hess: gptq(w, hess, b, g, act_order=True, overwrite_hessian=True)  # noqa: E731
+            del hess
         else:  # mse, weighted by the float model's activations where the in-memory path
             # measures them: the tied embedding's input as the output head
             energy = None
