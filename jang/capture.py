@@ -44,7 +44,7 @@ class Wrapper(nn.Module):
             return getattr(inner, key)
 
 
-GRAM_BLOCK_VALUES = 1 << 22  # values per block of x^T x rows (16 MB of fp32)
+GRAM_BLOCK_VALUES = 1 << 20  # values per block of x^T x rows (4 MB of fp32)
 
 
 def add_gram(total: np.ndarray, x: mx.array):

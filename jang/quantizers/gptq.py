@@ -30,7 +30,7 @@ import numpy as np
 from .cholesky import factor_damped, permute_symmetric
 from .pack import pack
 
-ROW_BLOCK_VALUES = 1 << 22  # fp32 working weights per block of output rows (16 MB)
+ROW_BLOCK_VALUES = 1 << 21  # fp32 working weights per block of output rows (8 MB)
 
 
 def quantize_weight(weight: mx.array, bits: int, group_size: int, hessian=None, **_):
