@@ -24,6 +24,8 @@ global layers different masks); others run in memory (jang.convert decides from
 GPTQ_STREAM_TYPES).
 """
 
+import ctypes
+import ctypes.util
 import shutil
 
 import mlx.core as mx
@@ -35,6 +37,12 @@ from .capture import Recorder, Wrapper, add_gram
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+    _LIBC.malloc_trim, _LIBC.mallopt  # glibc only
+except (OSError, AttributeError, TypeError):
+    _LIBC = None
 
 # mlx-lm model types whose LanguageModel is embed -> layers(x, ...) -> norm -> head.
 GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -80,8 +88,8 @@ def _params_under(weights: dict, prefix: str) -> list:
 
 
 def _layer_inputs(model, embedding, chunks):
-    """(layer 0's hidden-state input per chunk, per chunk the other arguments of every
-    layer), from one pass that stops before the last layer does any work. Layers are
+    """(layer 0's hidden-state input per chunk, for each layer the other arguments it is
+    called with per chunk), from one pass that stops at the last layer. Layers are
     not loaded: each stand-in records its call and passes the hidden state on. The
     embedding rows are gathered in the source dtype and cast, the values the fp32
     model would give without building its fp32 table (twice the source's size)."""
@@ -119,6 +127,25 @@ def _unload(module):
     module.update(tree_unflatten([(k, mx.zeros((1,))) for k, _ in tree_flatten(module.parameters())]))
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _map_large_allocations():
+    """From here on, glibc serves every allocation of 1 MB or more with its own mmap,
+    returned to the system when freed. By default the threshold climbs (up to 32 MB)
+    as large blocks are freed, so the few-MB buffers of this stage (a chunk's
+    activations, blocks of the solver) come from the heap, whose holes stay in the RSS:
+    each layer then peaked 50-90 MB above the one before."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _trim():
+    mx.clear_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _passes(rel: list) -> list:
     """A layer's GPTQ linears (relative paths), in groups whose Hessians are measured by
     one calibration pass each. The MLP's down projection has the widest input (8192 where
@@ -133,6 +160,7 @@ def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> 
     """Measure the Hessians of the linears rel on the activations xs, quantize each with
     GPTQ (the layer then holds its dequantized weights, as later layers must see them);
     returns the quantized tensors by output name."""
+    _trim()
     inner = dict(layer.named_modules())
     stats = {}
     layer.update_modules(tree_unflatten([(r, Recorder(inner[r], prefix + r, stats, full=True)) for r in rel]))
@@ -194,6 +222,7 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
     """Quantize plan's gptq entries layer by layer (and its other calibrated entries);
     returns output tensor name -> lazy array read from the spill files."""
     previous = mx.set_cache_limit(CACHE_LIMIT)
+    _map_large_allocations()
     try:
         return _stage(model, fresh_weights, plan, chunks, spill_dir, progress)
     finally:
@@ -231,7 +260,7 @@ def _stage(model, fresh_weights, plan, chunks, spill_dir, progress):
             _spill(spill_dir, f"layer-{i:05d}", spilled)
         _unload(layer)
         del spilled
-        mx.clear_cache()
+        _trim()
 
     # after the layers: the head's input is the final norm of the hidden states. What the
     # head-side entries need from the activations is measured first, so the activations

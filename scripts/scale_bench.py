@@ -170,6 +170,36 @@ def gptq_report(g: dict) -> list:
         "",
         *[f"- {stage}: {v} MiB" for stage, v in g.get("stage_peaks_mb", {}).items()],
         "",
+        "What the working set is now, and what it was (the \"before\" column):",
+        "",
+        "- The solver holds one in x in float32 matrix: the Hessian's own buffer, which a blocked Cholesky "
+        "factors in place (jang/quantizers/cholesky.py). GPTQ needs no inverse: with H = R R^T (R upper, "
+        "Cholesky in reversed order) input j is quantized as w_j + sum_{i<j} (R_ij / R_jj) e_i, e the earlier "
+        "inputs' rounding errors. Before: the Hessian in float64, a permuted float64 copy, then float32 "
+        "copies for MLX's Cholesky and triangular inverse (up to ~1.3 GB at 8192 inputs). If float32 Cholesky "
+        "breaks down, the damping is raised tenfold (with a warning) and the factor restarts from the lower "
+        "triangle, which it never writes.",
+        "- Output rows are solved in blocks of ~2M weights with uint8 codes: the 49152-row output head no "
+        "longer needs fp32 weights, int64 codes and their packing for all rows at once (~15x its size).",
+        "- Hessians are summed in place in numpy, a block of rows at a time (before: `total + x^T x` per "
+        "chunk, three 268 MB matrices at once). Each layer runs two calibration passes: the down "
+        "projection's (8192 inputs) first and alone, then the six others (2048 inputs, 17 MB each): its "
+        "output feeds nothing else in the layer, so the others' Hessians are the same numbers, and the "
+        "268 MB one never coexists with them. Each Hessian is freed once its tensor is quantized.",
+        "- Layer 0's inputs are gathered from the bf16 embedding rows (not an fp32 copy of the 201 MB "
+        "table); a layer is read tensor by tensor; the head's statistics are taken before the head and the "
+        "embedding are read, and each is spilled as soon as it is quantized; MLX's buffer cache is off "
+        "during the stage (buffers here are large and few, and cached ones count in the RSS).",
+        "",
+        "Streamed and in-memory GPTQ still write the very same tensors (tests/test_stream.py), and the "
+        "float32 solver's codes matched the float64 one's on every random problem compared.",
+        "",
+        "Commands (repository root, this machine, shared with other jobs):",
+        "",
+        "    python scripts/make_big_llama.py /tmp/gq --layers 6 --hidden 2048 --intermediate 8192 \\",
+        "        --heads 32 --kv-heads 8            # 1.13 GB; tokenizer: SmolLM2's",
+        "    python scripts/scale_bench.py --gptq /tmp/gq --work /tmp/scale --keep-before last",
+        "",
     ]
 
 
