@@ -15,7 +15,10 @@ How it is computed, and why (memory is the constraint: conversions stream):
   is quantized as  w_j + sum_{i<j} (R_ij / R_jj) (w_i - dequantized_i),
   from the *original* weights. R is one Cholesky factorization (of H in reversed
   order) and needs no inverse, so the solver holds one in x in float32 matrix:
-  the Hessian's own buffer, factored in place (jang.quantizers.cholesky).
+  the Hessian's own buffer, factored in place (jang.quantizers.cholesky). Group
+  scales and biases (without act_order, fitted as each group starts) are fitted to
+  the paper's running weights too (_group_mixers), so the codes are the paper's: on
+  the random problems compared, identical to the earlier float64 inverse-based solver.
 - Output rows are independent given R, so they are solved in blocks of about
   ROW_BLOCK_VALUES weights: a 49152-row output head never has more than a few
   tens of MB of working weights, codes (uint8) and packing in flight.
