@@ -9,6 +9,7 @@ import contextlib
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 
@@ -43,6 +44,18 @@ class Wrapper(nn.Module):
             return getattr(inner, key)
 
 
+GRAM_BLOCK_VALUES = 1 << 20  # values per block of x^T x rows (4 MB of fp32)
+
+
+def add_gram(total: np.ndarray, x: mx.array):
+    """total += x^T x, in place, a block of rows at a time: an 8192-input Hessian is
+    268 MB in float32, and summing whole products (total + x^T x) held three of them."""
+    n = total.shape[0]
+    rows = max(1, GRAM_BLOCK_VALUES // n)
+    for r0 in range(0, n, rows):
+        total[r0:r0 + rows] += np.asarray(mx.matmul(x[:, r0:r0 + rows].T, x, stream=mx.cpu))
+
+
 class Recorder(Wrapper):
     """Adds its input to a running statistic, then calls the wrapped module."""
 
@@ -53,10 +66,16 @@ class Recorder(Wrapper):
     def _record(self, x):
         path, stats, full = self._where
         x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        stat = x.T @ x if full else (x * x).sum(0)
-        total, count = stats.get(path, (0, 0))
-        stats[path] = (total + stat, count + x.shape[0])
-        mx.eval(stats[path][0])
+        total, count = stats.get(path, (None, 0))
+        if full:
+            mx.eval(x)
+            if total is None:
+                total = np.zeros((x.shape[-1],) * 2, np.float32)
+            add_gram(total, x)
+        else:
+            total = (x * x).sum(0) if total is None else total + (x * x).sum(0)
+            mx.eval(total)
+        stats[path] = (total, count + x.shape[0])
 
     def __call__(self, x, *args, **kwargs):
         if mx.issubdtype(x.dtype, mx.floating):
@@ -69,7 +88,7 @@ class Recorder(Wrapper):
 
 
 def input_statistics(model, chunks, paths, full: bool = False) -> dict:
-    """path -> mean of x^2 per input column (full=False) or mean x x^T (full=True)."""
+    """path -> mean of x^2 per input column (full=False, MLX) or mean x x^T (full=True, numpy float32)."""
     modules = dict(model.named_modules())
     stats = {}
     model.update_modules(tree_unflatten([(p, Recorder(modules[p], p, stats, full)) for p in paths]))

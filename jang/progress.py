@@ -19,6 +19,21 @@ def peak_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def memory_fields() -> dict:
+    """Peak RSS, current RSS (Linux) and MLX's own peak of array memory, in MB: MLX's
+    CPU buffers show in the RSS, numpy's and the interpreter's only there."""
+    fields = {"peak_rss_mb": peak_rss_mb()}
+    try:
+        with open("/proc/self/status") as f:
+            fields["rss_mb"] = next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        pass
+    mx = sys.modules.get("mlx.core")  # only if the conversion imported it: --help stays light
+    if mx is not None:
+        fields["mlx_peak_mb"] = mx.get_peak_memory() // 2**20
+    return fields
+
+
 class Progress:
     def __init__(self, mode, total_bytes: int, total_tensors: int, desc: str, unit: str = "B"):
         self.mode = {True: "bar", False: "none", None: "none"}.get(mode, mode)
@@ -56,7 +71,7 @@ class Progress:
             elapsed = time.monotonic() - self.start
             rate = (self.bytes - self.resumed_bytes) / elapsed if elapsed > 0 else 0.0
             left = self.total_bytes - self.bytes
-            self.emit(event=event, peak_rss_mb=peak_rss_mb(), tensors_done=self.tensors, tensors_total=self.total_tensors,
+            self.emit(event=event, **memory_fields(), tensors_done=self.tensors, tensors_total=self.total_tensors,
                       bytes_done=self.bytes, bytes_total=self.total_bytes, gb_per_s=round(rate / 1e9, 4),
                       eta_s=round(left / rate, 1) if rate > 0 else None, elapsed_s=round(elapsed, 2), **extra)
 

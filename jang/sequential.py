@@ -12,7 +12,6 @@ L/2 of them (15 for SmolLM2's 30 layers).
 """
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_unflatten
 
 from .capture import Recorder, Wrapper, running_in_float32
@@ -105,8 +104,9 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
         for path in paths:
             module = modules[path]
             module.weight = module.weight.astype(dtypes[path])  # its dtype decides the scales' dtype
-            layer = quantize_entry(linear[path], lambda w, bits, group, hess=h[path]: gptq(
-                w, np.asarray(hess), bits, group, act_order=act_order))
+            # each Hessian is used once: GPTQ may factor it in place (as jang.stream_gptq does)
+            layer = quantize_entry(linear[path], lambda w, bits, group, hess=h.pop(path): gptq(
+                w, hess, bits, group, act_order=act_order, overwrite_hessian=True))
             # what the later layers must see: the dequantized weights, as stored, in fp32
             module.weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,
                                           layer.bits).astype(dtypes[path]).astype(mx.float32)

@@ -12,10 +12,20 @@ A second activation stream runs through the float layers, for what the in-memory
 path measures on the float model: the activation energy of tensors GPTQ does not
 apply to (the tied embedding, used as the output head) -- they get mse with it.
 
-Only model types whose decoder layers are all called the same way (x, mask, cache)
-stream; others run in memory (jang.convert decides from GPTQ_STREAM_TYPES).
+Memory: besides the interpreter and MLX, one layer's weights in fp32 (twice the
+bf16 source), the two activation streams, and the Hessians of one calibration pass.
+The down projection's Hessian (widest input) is measured and solved in a pass of its
+own, so it never coexists with the others'; GPTQ factors each Hessian in place and
+frees it (jang.quantizers.gptq).
+
+Only model types whose LanguageModel is embed -> layers(x, *args) -> norm -> head
+stream (each layer's own arguments are recorded: Gemma 3 gives sliding-window and
+global layers different masks); others run in memory (jang.convert decides from
+GPTQ_STREAM_TYPES).
 """
 
+import ctypes
+import ctypes.util
 import shutil
 
 import mlx.core as mx
@@ -23,13 +33,19 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .capture import Recorder, Wrapper
+from .capture import Recorder, Wrapper, add_gram
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
 
-# mlx-lm model types whose LanguageModel is embed -> layers(x, mask, cache) -> norm -> head.
-GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+    _LIBC.malloc_trim, _LIBC.mallopt  # glibc only
+except (OSError, AttributeError, TypeError):
+    _LIBC = None
+
+# mlx-lm model types whose LanguageModel is embed -> layers(x, ...) -> norm -> head.
+GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 class _Captured(Exception):
@@ -37,26 +53,144 @@ class _Captured(Exception):
 
 
 class _CaptureArgs(Wrapper):
-    """Records the arguments the model passes its first layer, then stops the pass."""
+    """Stands in for a decoder layer in the capture pass: records the arguments after
+    the hidden state (masks differ by layer in Gemma 3) and passes the hidden state on;
+    the first layer's also keeps it, the last one's ends the pass."""
 
-    def __call__(self, *args, **kwargs):
-        object.__setattr__(self, "captured", (args, kwargs))
-        raise _Captured
+    def __init__(self, inner, calls: list, first, last: bool):
+        super().__init__(inner)
+        object.__setattr__(self, "_to", (calls, first, last))
+
+    def __call__(self, x, *args, **kwargs):
+        calls, first, last = self._to
+        calls.append((args, kwargs))
+        if first is not None:
+            mx.eval(x)
+            first.append(x)
+        if last:
+            raise _Captured
+        return x
+
+
+class _Rows(nn.Module):
+    """embed_tokens for the capture pass: rows of the source table, cast to fp32."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def __call__(self, ids):
+        return self.table[ids].astype(mx.float32)
 
 
 def _params_under(weights: dict, prefix: str) -> list:
     return [(k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix)]
 
 
+def _layer_inputs(model, embedding, chunks):
+    """(layer 0's hidden-state input per chunk, for each layer the other arguments it is
+    called with per chunk), from one pass that stops at the last layer. Layers are
+    not loaded: each stand-in records its call and passes the hidden state on. The
+    embedding rows are gathered in the source dtype and cast, the values the fp32
+    model would give without building its fp32 table (twice the source's size)."""
+    lm = model.model
+    layers, table = list(lm.layers), lm.embed_tokens
+    calls, first = [[] for _ in layers], []
+    lm.embed_tokens = _Rows(embedding)
+    for i, layer in enumerate(layers):
+        lm.layers[i] = _CaptureArgs(layer, calls[i], first if i == 0 else None, i == len(layers) - 1)
+    try:
+        for ids in chunks:
+            try:
+                model(mx.array([ids]))
+            except _Captured:
+                pass
+    finally:
+        lm.layers[:] = layers
+        lm.embed_tokens = table
+    return first, calls
+
+
 def _load(module, weights: dict, prefix: str, dtype=mx.float32):
-    """Give module its source weights (cast for the calibration passes) and evaluate them."""
-    module.update(tree_unflatten([(k, v.astype(dtype)) for k, v in _params_under(weights, prefix)]))
-    mx.eval(module.parameters())
+    """Give module its source weights (cast for the calibration passes), one tensor at a
+    time: each source tensor is popped from ``weights`` and gone once cast, so only one
+    exists beside the cast layer."""
+    params = []
+    for k, _ in _params_under(weights, prefix):
+        params.append((k, weights.pop(prefix + k).astype(dtype)))
+        mx.eval(params[-1][1])
+    module.update(tree_unflatten(params))
 
 
 def _unload(module):
     """Drop a module's weights (tiny placeholders) once it is done with."""
     module.update(tree_unflatten([(k, mx.zeros((1,))) for k, _ in tree_flatten(module.parameters())]))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _map_large_allocations():
+    """From here on, glibc serves every allocation of 1 MB or more with its own mmap,
+    returned to the system when freed. By default the threshold climbs (up to 32 MB)
+    as large blocks are freed, so the few-MB buffers of this stage (a chunk's
+    activations, blocks of the solver) come from the heap, whose holes stay in the RSS:
+    each layer then peaked 50-90 MB above the one before."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _trim():
+    mx.clear_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _passes(rel: list) -> list:
+    """A layer's GPTQ linears (relative paths), in groups whose Hessians are measured by
+    one calibration pass each. The MLP's down projection has the widest input (8192 where
+    the others have 2048: a 268 MB Hessian in fp32) and its output feeds no other linear
+    of the layer, so it is measured and quantized first, on its own: the others'
+    Hessians, measured after, are the same numbers, and never coexist with its own."""
+    down = [r for r in rel if r.endswith("mlp.down_proj")]
+    return [g for g in (down, [r for r in rel if r not in down]) if g]
+
+
+def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> dict:
+    """Measure the Hessians of the linears rel on the activations xs, quantize each with
+    GPTQ (the layer then holds its dequantized weights, as later layers must see them);
+    returns the quantized tensors by output name."""
+    _trim()
+    inner = dict(layer.named_modules())
+    stats = {}
+    layer.update_modules(tree_unflatten([(r, Recorder(inner[r], prefix + r, stats, full=True)) for r in rel]))
+    for x, (a, k) in zip(xs, layer_args):
+        mx.eval(layer(x, *a, **k))
+    layer.update_modules(tree_unflatten([(r, inner[r]) for r in rel]))
+    quantized = {}
+    for r in sorted(rel, key=lambda r: stats[prefix + r][0].size):  # smallest first: each freed once used
+        path, module = prefix + r, inner[r]
+        source = module.weight.astype(dtype)  # the source values (fp32 holds them exactly)
+        mx.eval(source)
+        module.weight = mx.zeros((1,))  # the fp32 copy is not needed while GPTQ works
+        hess = stats.pop(path)[0]
+        wq, scales, biases = _quantize(source, entries[path], lambda w, b, g, h=hess: gptq(
+            w, h, b, g, act_order=True, overwrite_hessian=True))
+        del hess, source
+        module.weight = _dequantized(wq, scales, biases, entries[path], dtype)
+        mx.eval(module.weight)
+        quantized.update({f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases})
+        if progress:
+            progress(path)
+    return quantized
+
+
+def _forward(layer, xs: list, layer_args: list):
+    """Each chunk's activations through the layer, replaced in place: only one chunk's
+    new activations exist beside the stream at a time."""
+    for c, (args, kwargs) in enumerate(layer_args):
+        xs[c] = layer(xs[c], *args, **kwargs)
+        mx.eval(xs[c])
 
 
 def _spill(folder, name, arrays: dict):
@@ -77,9 +211,25 @@ def _dequantized(wq, scales, biases, entry, dtype):
     return w.astype(mx.float32)
 
 
+# MLX keeps freed buffers for reuse up to a cache limit, and they count in the RSS on
+# top of what is live. Buffers here are large and few (a layer's weights, a chunk's
+# activations, blocks of a Hessian), so reusing them saves little: keep none
+# (measured on the 1.13 GB model: peak 807 MiB with none, 869 MiB with 64 MiB kept).
+CACHE_LIMIT = 0
+
+
 def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> dict:
     """Quantize plan's gptq entries layer by layer (and its other calibrated entries);
     returns output tensor name -> lazy array read from the spill files."""
+    previous = mx.set_cache_limit(CACHE_LIMIT)
+    _map_large_allocations()
+    try:
+        return _stage(model, fresh_weights, plan, chunks, spill_dir, progress)
+    finally:
+        mx.set_cache_limit(previous)
+
+
+def _stage(model, fresh_weights, plan, chunks, spill_dir, progress):
     todo = [t for t in plan if t.quantized and t.method == "gptq"]
     modules = dict(model.named_modules())
     for t in todo:  # as jang.quantize.apply_plan: GPTQ needs a linear
@@ -91,85 +241,60 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
     lm = model.model
     weights = fresh_weights()
     dtype = weights["model.embed_tokens.weight"].dtype
-    _load(lm.embed_tokens, weights, "model.embed_tokens.")
+    x_quant, calls = _layer_inputs(model, weights["model.embed_tokens.weight"], chunks)
     del weights
+    x_float = list(x_quant)
 
-    # the inputs of the first layer, per chunk
-    first = lm.layers[0]
-    capture = _CaptureArgs(first)
-    lm.layers[0] = capture
-    inputs, layer_args = [], []
-    for ids in chunks:
-        try:
-            model(mx.array([ids]))
-        except _Captured:
-            (x, *rest), kwargs = capture.captured
-            mx.eval(x)
-            inputs.append(x)
-            layer_args.append((rest, kwargs))
-    lm.layers[0] = first
-    _unload(lm.embed_tokens)
-    x_quant, x_float = inputs, list(inputs)
-
-    for i, layer in enumerate(lm.layers):
+    for i, (layer, layer_args) in enumerate(zip(lm.layers, calls)):
         prefix = f"model.layers.{i}."
         weights = fresh_weights()
         _load(layer, weights, prefix)
         del weights
-        paths = [p for p in entries if p.startswith(prefix) and entries[p].method == "gptq"]
-        inner = dict(layer.named_modules())
-        stats = {}
-        rel = [p[len(prefix):] for p in paths]
-        x_float = [mx.eval(y) or y for y in (layer(x, *a, **k) for x, (a, k) in zip(x_float, layer_args))]
-        layer.update_modules(tree_unflatten([(r, Recorder(inner[r], prefix + r, stats, full=True)) for r in rel]))
-        for x, (a, k) in zip(x_quant, layer_args):
-            mx.eval(layer(x, *a, **k))
-        layer.update_modules(tree_unflatten([(r, inner[r]) for r in rel]))
+        _forward(layer, x_float, layer_args)
+        rel = [p[len(prefix):] for p in entries if p.startswith(prefix) and entries[p].method == "gptq"]
         spilled = {}
-        for path, r in zip(paths, rel):
-            entry = entries[path]
-            source = inner[r].weight.astype(dtype)  # the source values (fp32 holds them exactly)
-            hess = np.asarray(stats[path][0])
-            wq, scales, biases = _quantize(source, entry, lambda w, b, g: gptq(w, hess, b, g, act_order=True))
-            inner[r].weight = _dequantized(wq, scales, biases, entry, dtype)
-            spilled.update({f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases})
-            if progress:
-                progress(path)
-        x_quant = [mx.eval(y) or y for y in (layer(x, *a, **k) for x, (a, k) in zip(x_quant, layer_args))]
+        for group in _passes(rel):
+            spilled.update(_gptq_pass(layer, prefix, group, entries, x_quant, layer_args, dtype, progress))
+        _forward(layer, x_quant, layer_args)
         if spilled:
             _spill(spill_dir, f"layer-{i:05d}", spilled)
         _unload(layer)
-        del spilled, stats
-        mx.clear_cache()
+        del spilled
+        _trim()
 
-    # after the layers: the head's input is the final norm of the hidden states
+    # after the layers: the head's input is the final norm of the hidden states. What the
+    # head-side entries need from the activations is measured first, so the activations
+    # are gone before the largest tensors (embedding, head) are read.
     weights = fresh_weights()
     _load(lm.norm, weights, "model.norm.")
-    head_q = [lm.norm(x) for x in x_quant]
-    head_f = [lm.norm(x) for x in x_float]
-    spilled = {}
-    for path, entry in entries.items():
-        if path.startswith("model.layers."):
-            continue
-        source = weights[f"{path}.weight"]
+    head = {p: e for p, e in entries.items() if not p.startswith("model.layers.")}
+    fns = {}
+    for path, entry in head.items():
         if entry.method == "gptq":  # an untied lm_head
-            xs = [h.reshape(-1, h.shape[-1]) for h in head_q]
-            hess = sum(x.T @ x for x in xs)
-            fn = lambda w, b, g, hess=np.asarray(hess): gptq(w, hess, b, g, act_order=True)  # noqa: E731
+            hess = np.zeros((x_quant[0].shape[-1],) * 2, np.float32)
+            for x in x_quant:
+                add_gram(hess, lm.norm(x).reshape(-1, x.shape[-1]))
+            fns[path] = lambda w, b, g, hess=hess: gptq(w, hess, b, g, act_order=True, overwrite_hessian=True)  # noqa: E731
+            del hess
         else:  # mse, weighted by the float model's activations where the in-memory path
             # measures them: the tied embedding's input as the output head
             energy = None
             if entry.role == "embed_tied":
-                xs = [h.reshape(-1, h.shape[-1]) for h in head_f]
+                xs = [h.reshape(-1, h.shape[-1]) for h in (lm.norm(x) for x in x_float)]
                 energy = sum((x * x).sum(0) for x in xs) / sum(x.shape[0] for x in xs)
-            fn = lambda w, b, g, e=energy: QUANTIZERS[entry.method](w, b, g, act_energy=e)  # noqa: E731
-        wq, scales, biases = _quantize(source, entry, fn)
-        spilled.update({f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases})
+                mx.eval(energy)
+                del xs
+            fns[path] = lambda w, b, g, e=energy, m=entry.method: QUANTIZERS[m](w, b, g, act_energy=e)  # noqa: E731
+    del x_quant, x_float
+    for path, entry in head.items():
+        source = weights.pop(f"{path}.weight")  # popped: once read, the dict would keep it in memory
+        wq, scales, biases = _quantize(source, entry, fns.pop(path))
+        del source
+        _spill(spill_dir, f"rest-{path}", {f"{path}.weight": wq, f"{path}.scales": scales, f"{path}.biases": biases})
+        del wq, scales, biases
         if progress:
             progress(path)
-    if spilled:
-        _spill(spill_dir, "rest", spilled)
-    del weights, spilled
+    del weights
     out = {}
     for f in sorted(spill_dir.glob("*.safetensors")) if spill_dir.exists() else []:
         out.update(mx.load(str(f)))

@@ -10,6 +10,8 @@ import pytest
 from mlx_lm import utils as mlx_utils
 
 from jang.data import paragraphs
+from jang.quantizers import gptq as gptq_module
+from jang.quantizers.cholesky import permute_symmetric, restore_upper, reverse_cholesky
 from jang.quantizers.gptq import gptq, quantize_weight
 
 # Relative weight error ||W - Ŵ|| / ||W|| allowed on the random problem below, bits 2..8.
@@ -105,6 +107,53 @@ def test_dead_inputs_are_zeroed():
     packed, scales, biases = gptq(w, h, 4, 64)
     deq = dequantized((packed, scales, biases), 4, 64)
     assert np.all(np.isfinite(deq)) and np.all(np.abs(deq[:, 5]) <= f32(scales)[:, 0] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_row_blocks_and_in_place_hessian_give_the_same_tensors(monkeypatch, act_order):
+    """Output rows solved in blocks (here 7 of 10 rows), and the Hessian factored in the
+    caller's float32 buffer, change nothing: rows are independent given the factor."""
+    w, h = random_problem((64, 512))
+    whole = gptq(w, h, 4, 64, act_order=act_order)
+    monkeypatch.setattr(gptq_module, "ROW_BLOCK_VALUES", 10 * 512)
+    scratch = h.astype(np.float32)
+    blocked = gptq(w, scratch, 4, 64, act_order=act_order, overwrite_hessian=True)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(whole, blocked))
+    assert not np.array_equal(scratch, h.astype(np.float32))  # the buffer was the solver's
+
+
+@pytest.mark.parametrize("block", [64, 100, 512])
+def test_reverse_cholesky_in_place_by_blocks(block):
+    """R R^T = H from the upper triangle; the strict lower triangle still holds H, which
+    is what a retry with more damping restores from."""
+    _, h = random_problem((8, 300))
+    h = h.astype(np.float32)
+    work = h.copy()
+    assert reverse_cholesky(work, block)
+    r = np.triu(work).astype(np.float64)
+    assert np.abs(r @ r.T - h).max() < 1e-6 * np.abs(h).max()
+    assert np.array_equal(np.tril(work, -1), np.tril(h, -1))
+    restore_upper(work, block)
+    np.fill_diagonal(work, np.diag(h))
+    assert np.array_equal(work, h)
+
+
+def test_act_order_permutes_the_hessian_in_place():
+    _, h = random_problem((8, 300))
+    perm = np.random.default_rng(3).permutation(300)
+    work = h.astype(np.float32)
+    permute_symmetric(work, perm, block=64)
+    assert np.array_equal(work, h.astype(np.float32)[perm][:, perm])
+
+
+def test_float32_breakdown_retries_with_more_damping():
+    """A rank-deficient Hessian (32 tokens, 256 inputs) with almost no damping breaks
+    float32 Cholesky; GPTQ raises the damping tenfold until it factors, and says so."""
+    w, _ = random_problem()
+    x = np.random.default_rng(4).standard_normal((32, 256))
+    with pytest.warns(UserWarning, match="damping"):
+        retried = dequantized(gptq(w, x.T @ x, 4, 64, damp=1e-8), 4, 64)
+    assert np.all(np.isfinite(retried))
 
 
 def test_indefinite_hessian_is_reported():

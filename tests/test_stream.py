@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
 
 import jang
-from jang import stream
+from jang import stream, stream_gptq
 from jang.errors import CorruptShardError
 
 from conftest import TINY_LLAMA, make_tiny_model
@@ -224,3 +224,33 @@ def test_gptq_streams_layer_by_layer_same_tensors_as_in_memory(tmp_path, tiny_ll
     jang.convert(str(tiny_llama), resumed, "JANG_4M", method="gptq", progress=False, resume=True,
                  max_shard_bytes=SHARD)
     same_folders(resumed, out)
+
+
+TINY_GEMMA3 = {**TINY_LLAMA, "model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 16,
+               "sliding_window": 32, "sliding_window_pattern": 2}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma3_gptq_streams_same_tensors_as_in_memory(tmp_path, smollm2_float, monkeypatch, tied):
+    """Gemma 3 streams too, to the tensors of in-memory GPTQ: its sliding-window and global
+    layers are called with different masks (a 32-token window on 128-token calibration
+    chunks), layer 0's input is the embedding scaled by sqrt(hidden), and the head is
+    tied (mse on the float activations) or untied (GPTQ on the quantized stream)."""
+    source = make_tiny_model(tmp_path / "gemma", TINY_GEMMA3, smollm2_float)
+    if tied:  # as Gemma checkpoints ship: mlx-lm's sanitize ties the head when lm_head.weight is absent
+        weights = mx.load(str(source / "model.safetensors"))
+        del weights["lm_head.weight"]
+        mx.save_safetensors(str(source / "model.safetensors"), weights)
+    staged = []
+    real_stage = stream_gptq.gptq_stage
+    monkeypatch.setattr(stream_gptq, "gptq_stage", lambda *a, **k: staged.append(1) or real_stage(*a, **k))
+    out = tmp_path / "out"
+    jang.convert(str(source), out, "JANG_4M", method="gptq", progress=False)
+    assert staged, "gemma3_text should take the streaming GPTQ path"
+    model, _ = mlx_utils.load_model(source, lazy=True)
+    plan = jang.quantize(model, "JANG_4M", method="gptq", tokenizer=mlx_utils.load_tokenizer(source), progress=False)
+    assert plan["model.layers.1.mlp.down_proj"].method == "gptq"
+    streamed, _ = jang.load(str(out))
+    a, b = dict(tree_flatten(streamed.parameters())), dict(tree_flatten(model.parameters()))
+    assert a.keys() == b.keys() and ("lm_head.weight" in a) != tied
+    assert all(mx.array_equal(a[k], b[k]) for k in a)

@@ -7,14 +7,33 @@ activations stays close even where individual weights move further than RTN.
 The result is MLX's affine layout (min/max scale and bias per group of
 ``group_size`` consecutive inputs), readable by ``mx.dequantize``.
 
-The work happens on the transposed weight (in, out) in float32 numpy, so each
+How it is computed, and why (memory is the constraint: conversions stream):
+
+- No inverse. The paper spreads column i's error with row i of U, the upper
+  Cholesky factor of H^-1. Equivalently (GPTQ is Babai's nearest-plane algorithm;
+  Chen et al., 2025), with H = R R^T for an upper triangular R, the weight column j
+  is quantized as  w_j + sum_{i<j} (R_ij / R_jj) (w_i - dequantized_i),
+  from the *original* weights. R is one Cholesky factorization (of H in reversed
+  order) and needs no inverse, so the solver holds one in x in float32 matrix:
+  the Hessian's own buffer, factored in place (jang.quantizers.cholesky). Group
+  scales and biases (without act_order, fitted as each group starts) are fitted to
+  the paper's running weights too (_group_mixers), so the codes are the paper's: on
+  the random problems compared, identical to the earlier float64 inverse-based solver.
+- Output rows are independent given R, so they are solved in blocks of about
+  ROW_BLOCK_VALUES weights: a 49152-row output head never has more than a few
+  tens of MB of working weights, codes (uint8) and packing in flight.
+
+The work happens on the transposed weight (in, rows) in float32 numpy, so each
 column GPTQ visits is one contiguous row.
 """
 
 import mlx.core as mx
 import numpy as np
 
+from .cholesky import factor_damped, permute_symmetric
 from .pack import pack
+
+ROW_BLOCK_VALUES = 1 << 21  # fp32 working weights per block of output rows (8 MB)
 
 
 def quantize_weight(weight: mx.array, bits: int, group_size: int, hessian=None, **_):
@@ -28,114 +47,140 @@ def quantize_weight(weight: mx.array, bits: int, group_size: int, hessian=None, 
 
 
 def gptq(weight: mx.array, hessian, bits: int, group_size: int, damp: float = 0.01,
-         act_order: bool = False, block_size: int = 128):
+         act_order: bool = False, block_size: int = 128, overwrite_hessian: bool = False):
     """(out, in) weight and (in, in) Hessian -> (packed uint32, scales, biases) in
     MLX's affine layout, scales and biases in the weight's dtype.
 
     damp: added to H's diagonal as a fraction of its mean, so H stays invertible
-    and the error is not pushed into directions calibration barely saw.
+    and the error is not pushed into directions calibration barely saw (raised
+    tenfold, with a warning, if float32 Cholesky still fails).
     act_order: visit inputs by decreasing H[i, i], the most active first, while
     they still have later columns to absorb their error.
     block_size: columns per lazy batch update (without act_order, rounded to whole groups).
+    overwrite_hessian: a float32 numpy Hessian may be used as scratch (its contents
+    are destroyed) instead of copied -- the caller's in x in buffer is the solver's.
     3-D MoE weights (experts, out, in) take one Hessian per expert (experts, in, in).
     """
     if weight.ndim == 3:
-        hessian = np.asarray(hessian)
-        parts = [gptq(weight[e], hessian[e], bits, group_size, damp, act_order, block_size)
+        hessian = hessian if isinstance(hessian, np.ndarray) else np.asarray(hessian)
+        parts = [gptq(weight[e], hessian[e], bits, group_size, damp, act_order, block_size, overwrite_hessian)
                  for e in range(weight.shape[0])]
         return tuple(mx.stack(p) for p in zip(*parts))
     dtype = weight.dtype
-    n = weight.shape[-1]
+    out, n = weight.shape
     if n % group_size:
         raise ValueError(f"{n} inputs do not split into groups of {group_size}")
-    wt = np.array(weight.astype(mx.float32)).T.copy()  # (in, out): row j is input column j
-    h = np.array(hessian, dtype=np.float64)
+    h = _float32_scratch(hessian, overwrite_hessian)
     dead = np.flatnonzero(np.diag(h) == 0)  # inputs never active: nothing to preserve
     h[dead, dead] = 1.0  # keeps H invertible; their weights are zeroed so they cost nothing
-    wt[dead] = 0.0
-    h[np.diag_indices(n)] += damp * np.mean(np.diag(h))
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else None
+    if perm is not None:
+        permute_symmetric(h, perm)
+    r = factor_damped(h, damp)  # upper triangle: R with H + damping = R R^T
+    inv_diag = 1.0 / np.diag(r)
+    mixers = _group_mixers(r, group_size) if perm is None else None
 
-    if act_order:
-        # MLX groups are contiguous in the original order, so a permuted pass
-        # cannot start groups as it goes: fix them all from the original weights.
-        scales, biases = _group_params(wt.reshape(n // group_size, group_size, -1), bits, dtype)
-        perm = np.argsort(-np.diag(h), kind="stable")
-        h = h[np.ix_(perm, perm)]  # rebinding frees the unpermuted copy: float64 in x in is large
-        u = _inverse_cholesky(h)
-        del h
-        codes = np.empty(wt.shape, np.int64)
-        codes[perm] = _quantize_columns(wt[perm], u, bits, group_size, block_size, dtype,
-                                        scales, biases, perm // group_size)
-    else:
-        scales = np.empty((n // group_size, wt.shape[1]), np.float32)
-        biases = np.empty_like(scales)
-        codes = _quantize_columns(wt, _inverse_cholesky(h), bits, group_size, block_size, dtype,
-                                  scales, biases, None)
-    return pack(codes.T, bits), mx.array(scales.T).astype(dtype), mx.array(biases.T).astype(dtype)
-
-
-def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), float32. Row j of U, past the
-    diagonal, is how column j's error should spread over the later columns.
-
-    One factorization instead of inverse-then-factor: with J the order reversal,
-    chol(J H J) = L gives H = R R^T for the upper triangular R = J L J, so
-    H^-1 = R^-T R^-1 and U = R^-1. MLX's CPU LAPACK does this far faster than numpy here.
-    """
-    rev = mx.array(h.astype(np.float32))[::-1, ::-1]
-    r = mx.linalg.cholesky(rev, stream=mx.cpu)[::-1, ::-1]
-    del rev
-    # MLX does not report a failed factorization; LAPACK leaves a diagonal entry <= 0 or NaN.
-    if not mx.all(mx.diagonal(r) > 0).item():
-        raise ValueError("Hessian is not positive definite even after damping; "
-                         "check it or raise damp")
-    return np.array(mx.linalg.tri_inv(r, upper=True, stream=mx.cpu))
+    groups = n // group_size
+    packed = np.empty((out, n * bits // 32), np.uint32)
+    scales = np.empty((out, groups), np.float32)
+    biases = np.empty_like(scales)
+    rows = max(1, ROW_BLOCK_VALUES // n)
+    for r0 in range(0, out, rows):
+        r1 = min(r0 + rows, out)
+        wt = np.asarray(weight[r0:r1].astype(mx.float32)).T.copy()  # (in, rows): row j is input column j
+        wt[dead] = 0.0
+        s, b = scales[r0:r1].T, biases[r0:r1].T  # (groups, rows) views: filled in place
+        if perm is None:
+            codes = _quantize_columns(wt, r, inv_diag, bits, group_size, block_size, dtype, s, b, mixers)
+        else:
+            # MLX groups are contiguous in the original order, so a permuted pass
+            # cannot start groups as it goes: fix them all from the original weights.
+            s[...], b[...] = _group_params(wt.reshape(groups, group_size, -1), bits, dtype)
+            wt = wt[perm]
+            codes = np.empty(wt.shape, np.uint8)
+            codes[perm] = _quantize_columns(wt, r, inv_diag, bits, group_size, block_size, dtype, s, b,
+                                            None, perm // group_size)
+        del wt
+        packed[r0:r1] = np.asarray(pack(codes.T, bits))
+    return mx.array(packed), mx.array(scales).astype(dtype), mx.array(biases).astype(dtype)
 
 
-def _quantize_columns(wt, u, bits, group_size, block_size, dtype, scales, biases, group_of):
-    """GPTQ over the rows of wt (in processing order); wt is updated in place.
+def _float32_scratch(hessian, overwrite: bool) -> np.ndarray:
+    """The Hessian as a C-contiguous float32 array the solver may write: the caller's
+    own when allowed and already so, else one float32 copy (never a float64 one)."""
+    if overwrite and isinstance(hessian, np.ndarray) and hessian.dtype == np.float32 \
+            and hessian.flags.c_contiguous and hessian.flags.writeable:
+        return hessian
+    if isinstance(hessian, mx.array):
+        hessian = np.asarray(hessian.astype(mx.float32))
+    return np.array(hessian, dtype=np.float32, order="C")
 
-    With group_of=None the groups follow the processing order and their
-    parameters are filled into scales/biases from the error-updated weights as
-    each group starts; otherwise they are given and group_of[j] is row j's group.
+
+def _group_mixers(r: np.ndarray, group_size: int) -> np.ndarray:
+    """Per group of inputs, M = A^-T D (A the group's diagonal block of R, D its diagonal).
+
+    A group's scale and bias are fitted to what its weights should be given the
+    inputs already quantized (and before its own): w + H22^-1 H21 e, with H22 the
+    block of H for the inputs from the group on. Through R that is w + A^-T c, where
+    c = R[:s, group]^T e; the running sums give D^-1 c, so M turns them into it."""
+    n = r.shape[0]
+    parts = np.stack([np.triu(r[s:s + group_size, s:s + group_size]) for s in range(0, n, group_size)])
+    inv = np.asarray(mx.linalg.tri_inv(mx.array(parts), upper=True, stream=mx.cpu))
+    return np.ascontiguousarray(inv.transpose(0, 2, 1) * np.diagonal(parts, axis1=1, axis2=2)[:, None, :])
+
+
+def _quantize_columns(wt, r, inv_diag, bits, group_size, block_size, dtype, scales, biases, mixers,
+                      group_of=None):
+    """GPTQ over the rows of wt (inputs in processing order; one column per output row);
+    returns the codes (uint8). wt is consumed: each row, once quantized, is replaced by
+    its rounding error (original weight - dequantized), which is what later rows need.
+
+    Column j's input is w_j + sum_{i<j} V_ij e_i with V_ij = R_ij / R_jj. The sum is
+    applied lazily at three levels, so most of the work is matrix products: errors
+    from earlier blocks at once as a block starts, errors from earlier in the block as
+    each run of group_size rows starts, and those from its own run just before a row
+    is quantized.
+
+    With group_of=None the groups follow the processing order and their parameters are
+    filled into scales/biases as each group starts (fitted through ``mixers``, see
+    _group_mixers); otherwise they are given and group_of[j] is row j's group.
     """
     levels = 2**bits - 1
     n = wt.shape[0]
-    codes = np.empty(wt.shape, np.int64)
+    codes = np.empty(wt.shape, np.uint8)
     if group_of is None:
         # A group must lie inside one block, so its start sees every update from before it.
         block_size = max(1, block_size // group_size) * group_size
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
-        block, ub = wt[b0:b1], u[b0:b1, b0:b1]  # block is a view: updates land in wt
-        errors = np.empty_like(block)
+        v = r[:b1, b0:b1] * inv_diag[b0:b1]  # how each earlier row's error feeds this block's rows
+        block = wt[b0:b1] + _matmul(v[:b0].T, wt[:b0]) if b0 else wt[b0:b1].copy()
+        vb, errors = v[b0:b1], wt[b0:b1]  # errors: a view; row i turns into its error once done
         for i in range(b1 - b0):
             j = b0 + i
             if i % group_size == 0:
-                # Errors are applied lazily at three levels, so most of the work is matrix
-                # products: rows after the block get the block's errors at once (below),
-                # each run of group_size rows gets the errors from before the run here,
-                # and each row gets those from its own run just before it is quantized.
                 start = i
-                block[i:i + group_size] -= _matmul(ub[:i, i:i + group_size].T, errors[:i])
+                if i:
+                    block[i:i + group_size] += _matmul(vb[:i, i:i + group_size].T, errors[:i])
                 if group_of is None:
-                    scales[j // group_size], biases[j // group_size] = _group_params(
-                        block[i:i + group_size], bits, dtype)
-            w = block[i] - ub[start:i, i] @ errors[start:i]
+                    w0 = errors[i:i + group_size]  # not quantized yet: still the original weights
+                    fitted = w0 + _matmul(mixers[j // group_size], block[i:i + group_size] - w0)
+                    scales[j // group_size], biases[j // group_size] = _group_params(fitted, bits, dtype)
+            w = block[i] + vb[start:i, i] @ errors[start:i]
             g = j // group_size if group_of is None else group_of[j]
             s, b = scales[g], biases[g]
             q = np.clip(np.rint((w - b) / np.where(s == 0, 1.0, s)), 0, levels)
             codes[j] = q
-            errors[i] = (w - (q * s + b)) / ub[i, i]
-        wt[b1:] -= _matmul(u[b0:b1, b1:].T, errors)
+            errors[i] -= q * s + b
     return codes
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b through MLX's BLAS. numpy's bundled OpenBLAS keeps its threads spinning
     after each call, and on a small, busy machine they starve the Python loop around
-    it (GPTQ ran 4-5x slower that way on 2 shared cores)."""
-    return np.array(mx.matmul(mx.array(a), mx.array(b), stream=mx.cpu))
+    it (GPTQ ran 4-5x slower that way on 2 shared cores). The result is a view of
+    MLX's output buffer, not a copy."""
+    return np.asarray(mx.matmul(mx.array(a), mx.array(b), stream=mx.cpu))
 
 
 def _group_params(groups: np.ndarray, bits: int, dtype):
