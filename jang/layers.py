@@ -231,7 +231,9 @@ class _CompiledDecode:
     """Mixin put in front of an mlx-lm TransformerBlock class (see DECODE_BLOCK_MODULES)."""
 
     def __call__(self, x, mask=None, cache=None):
-        if x.shape[1] != 1 or mask is not None or type(cache) is not KVCache:
+        # asked per call, so JANG_KERNELS=reference / JANG_DISABLE set later still apply
+        if (x.shape[1] != 1 or mask is not None or type(cache) is not KVCache
+                or not kernels.route("compiled_decode")):
             return super().__call__(x, mask, cache)
         pre, post = self.__dict__.get("_jang_decode") or self.__dict__.setdefault(
             "_jang_decode", (mx.compile(self._jang_pre), mx.compile(self._jang_post)))

@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import make_prompt_cache
 
+from jang import kernels
 from jang.layers import adopt_all, compile_decode
 
 FAMILIES = {
@@ -39,6 +40,7 @@ def test_compiled_decode_matches(family):
     adopt_all(model)
     ref = decode(model)
     assert compile_decode(model) == 2
-    out = decode(model)
+    with kernels.enabled({"compiled_decode"}):  # no CPU route turns it on by itself
+        out = decode(model)
     assert "_jang_decode" in model.model.layers[0].__dict__  # the compiled path ran
     assert mx.allclose(out, ref, atol=1e-4).item()

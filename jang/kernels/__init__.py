@@ -44,6 +44,9 @@ ROUTES = {
         "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
     },
     "metal": {},
+    # no fused kernels on the CPU; the compiled decode block runs there too, but off
+    # by default (not measured): JANG_ENABLE=compiled_decode tries it
+    "cpu": {"compiled_decode": False},
 }
 
 
