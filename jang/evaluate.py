@@ -132,6 +132,10 @@ _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 _WORDS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # alphabetic words, contractions kept whole
 _SINGLE_WORDS = {"a", "i", "o"}  # single letters that are English words
 _CHAR_RUN = re.compile(r"(.)\1{15,}", re.S)  # "!!!!!!!!!!!!!!!!", sixteen newlines
+# A piece of 2-8 characters six times back to back inside running text: "tensipsipsipsipsipsips",
+# "fingertmlmlmlmlmlml" (SmolLM2 at 2.5 bits, measured) -- a loop below the word level,
+# which has_cycle (whole words) does not see.
+_PIECE_RUN = re.compile(r"(\S.{1,7}?)\1{5,}", re.S)
 # 8+ numbers separated only by spaces/punctuation ("1 2 3 4 ...", "0.0.0.0..."), or 12+ digits in a row
 _NUMBER_RUN = re.compile(r"(?:\d+[\s,.;:/+\-*=()]*){8,}|\d{12,}")
 
@@ -193,7 +197,7 @@ def degeneration_scores(text: str, prompt: str = "", salad: float = 0.0) -> dict
     units, prompt_units = _UNITS.findall(text.lower()), _UNITS.findall(prompt.lower())
     # Numbers count as one word "#" for cycles, so "1. Read the book. 2. Read the book." repeats.
     words = [re.sub(r"\d+", "#", u) for u in units if re.match(r"\w", u)]
-    cycle = has_cycle(words) or _CHAR_RUN.search(text) is not None
+    cycle = has_cycle(words) or any(run.search(text) for run in (_CHAR_RUN, _PIECE_RUN))
     measures = {
         "loop": 1.0 if cycle else repeated_fraction(units),
         "echo": echo_fraction(units, prompt_units),
@@ -243,11 +247,19 @@ def degeneration_report(model, tokenizer, max_tokens: int = 48, prompts=None, sa
     from mlx_lm.generate import generate
 
     prompts = DEGENERATION_PROMPTS if prompts is None else prompts
-    rows = []
+    outputs = []
     for prompt in prompts:
         framed, stops = chat_prompt(tokenizer, prompt)
-        text = cut(generate(model, tokenizer, framed, max_tokens=max_tokens), stops)
-        nll = salad.nll(framed, text) if salad else None
+        outputs.append((prompt, cut(generate(model, tokenizer, framed, max_tokens=max_tokens), stops)))
+    return scored_report(outputs, tokenizer, max_tokens, salad)
+
+
+def scored_report(outputs, tokenizer, max_tokens: int, salad=None) -> dict:
+    """The report of degeneration_report for (prompt, generated text) pairs: also how
+    generations stored by an earlier run are scored again (greedy output is deterministic)."""
+    rows = []
+    for prompt, text in outputs:
+        nll = salad.nll(chat_prompt(tokenizer, prompt)[0], text) if salad else None
         ratio = 0.0 if nll is None else nll / salad.threshold
         rows.append({"prompt": prompt, "output": text, "nll": nll, **degeneration_scores(text, prompt, ratio)})
     n = len(rows)
