@@ -131,7 +131,8 @@ THRESHOLDS = {
 _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 _WORDS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # alphabetic words, contractions kept whole
 _SINGLE_WORDS = {"a", "i", "o"}  # single letters that are English words
-_CHAR_RUN = re.compile(r"(.)\1{15,}", re.S)  # "!!!!!!!!!!!!!!!!", sixteen newlines
+# "!!!!!!!!!!!!!!!!", sixteen newlines, or sixteen characters of blank ("\n  \n  \n  ...": Gemma at 2.5 bits)
+_CHAR_RUN = re.compile(r"(.)\1{15,}|\s{16,}", re.S)
 # A piece of 2-8 characters six times back to back inside running text: "tensipsipsipsipsipsips",
 # "fingertmlmlmlmlmlml" (SmolLM2 at 2.5 bits, measured) -- a loop below the word level,
 # which has_cycle (whole words) does not see.

@@ -35,6 +35,8 @@ DEGENERATE = [
                  id="newline run (SmolLM2 JANG_2M, measured)"),
     pytest.param("tensipsipsoftipsoftipsoftipsipsipsipsipsipsipsipsipsipsipsipsipsips", "How do I boil an egg?",
                  "loop", id="piece run inside a word (SmolLM2 JANG mse 2.5 bits, measured)"),
+    pytest.param(" has seen them." + "\n  " * 20, "Describe a cat to someone who has never seen one.", "loop",
+                 id="blank run (Gemma-3-270m JANG mse 2.5 bits, measured)"),
     pytest.param("for postdocs fingertmlmlmlmlmlmlmlmlmlmlmlmlml", "Give me three tips for staying focused "
                  "while studying.", "loop", id="two-letter piece run (SmolLM2 JANG mse 2.5 bits, measured)"),
     pytest.param('\n "FG, G L.EW:2LBR:363: Ei.GL. G.EW.G L.E.G.E. G.E. G.L.E', "What is the capital of France?",
