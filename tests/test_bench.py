@@ -57,7 +57,7 @@ def test_degeneration_pairs_each_option_with_jang_at_its_size(tiny_llama, own_ca
     assert all(m["jang_bits"] <= m["bits"] + 1e-6 for m in result["matched"])
     (pair,) = result["degeneration"]
     assert pair["mlx"] == "mlx-lm uniform 2-bit" and pair["jang"] == "JANG mse @ uniform 2-bit"
-    assert [e["prompt"] for e in pair["examples"]] == list(DEGENERATION_PROMPTS[:3])
+    assert [e["prompt"] for e in pair["examples"]] == list(DEGENERATION_PROMPTS[:4])
     assert 0 <= pair["jang_score"] <= 1 and 0 <= pair["mlx_fraction"] <= 1
     # word salad judged by the float model, and failures counted beyond the float model's own
     assert 0 <= pair["mlx_salad"] <= pair["mlx_fraction"] and 0 <= pair["jang_beyond"] <= pair["jang_fraction"]
