@@ -15,9 +15,11 @@ which is what makes text language, differs. A generation is word salad when its 
 above the midpoint of the two: closer to shuffled words than to prose, in the float
 model's own judgement.
 
-SmolLM2-135M, measured: held-out paragraphs ~4.5 nats, shuffled ~7.5 (midpoint ~6);
-its own greedy answers 0.3-1.0; mlx-lm uniform 2-bit's salad 10-13; real prose
-stuck after an unrelated question 3.8-5.6 (not salad).
+SmolLM2-135M, measured: held-out paragraphs 4.36 nats/token, shuffled 7.19 (threshold
+5.77); its own greedy answers 0.3-1.0; mlx-lm uniform 2-bit's salad 10.3-12.8; real
+prose stuck after an unrelated question 3.8-5.6 (not salad). Gemma-3-270m: 4.16,
+6.94, threshold 5.55. A loop scores low (once started, a repetition is predictable):
+loops are the string rules' job (jang.evaluate), salad this one's.
 """
 
 import random
