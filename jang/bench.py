@@ -20,7 +20,8 @@ from .calibration import calibration_chunks, token_chunks
 from .capture import running_in_float32
 from .data import paragraphs
 from .errors import JangError
-from .evaluate import degeneration_report, for_evaluation, log_probs, next_token_stats
+from .coherence import SaladCheck
+from .evaluate import beyond_reference, degeneration_report, for_evaluation, log_probs, next_token_stats
 from .quantize import quantize
 
 EVAL_BOOK = "prideprejudice"
@@ -100,9 +101,9 @@ class Meter:
 # of that script gets.
 
 
-def mlx_uniform(bits):
+def mlx_uniform(bits, group_size=64):
     def run(model, config, chunks):
-        mlx_utils.quantize_model(model, config, group_size=64, bits=bits)
+        mlx_utils.quantize_model(model, config, group_size=group_size, bits=bits)
     return run
 
 
@@ -125,7 +126,10 @@ def mlx_dynamic(target):
         low = max(2, min(int(target - 0.5), 6))
         high = low + 1 if low < 6 else 8
         with running_in_float32(model):
-            sens = dict(estimate_sensitivities(model, mx.array(chunks), low, 64, high, 64, batch_size=4))
+            # One chunk per step: mlx-lm sums the per-batch gradients of the mean loss and divides
+            # by the number of batches, so equal batches of 1 give the same sensitivities as its
+            # default 4, in less memory (4 passed 8 GB RSS on Gemma-3-270m's 262k-token logits).
+            sens = dict(estimate_sensitivities(model, mx.array(chunks), low, 64, high, 64, batch_size=1))
         threshold = estimate_threshold(model, sens, target, low, 64, high, 64)
 
         def predicate(p, m):
@@ -165,15 +169,19 @@ def mlx_awq(bits):
     return run
 
 
-# id -> (row name, quantize function); ids are what --degeneration names.
+# id -> (row name, quantize function); ids are what --mlx-options and --degeneration name.
 MLX_OPTIONS = {
     "uniform2": ("mlx-lm uniform 2-bit", mlx_uniform(2)),
+    # 2-bit codes with a scale and bias per 32 weights: 3.0 bits as stored, the size of
+    # a 3-bit budget made of 2-bit weights (run only when asked: not one of mlx-lm's defaults)
+    "uniform2_g32": ("mlx-lm uniform 2-bit g32", mlx_uniform(2, 32)),
     "uniform3": ("mlx-lm uniform 3-bit", mlx_uniform(3)),
     "uniform4": ("mlx-lm uniform 4-bit", mlx_uniform(4)),
     "mixed_2_6": ("mlx-lm mixed_2_6", mlx_mixed("mixed_2_6")),
     "mixed_3_6": ("mlx-lm mixed_3_6", mlx_mixed("mixed_3_6")),
     "mixed_4_6": ("mlx-lm mixed_4_6", mlx_mixed("mixed_4_6")),
 }
+DEFAULT_MLX_OPTIONS = ("uniform2", "uniform3", "uniform4", "mixed_2_6", "mixed_3_6", "mixed_4_6")
 # Calibration-driven mlx-lm methods, one row per --dynamic target / --mlx-gptq / --mlx-awq bits.
 MLX_CALIBRATED = {
     "dynamic": (lambda t: f"dynamic{t:g}", lambda t: f"mlx-lm dynamic_quant {t:g}", mlx_dynamic),
@@ -192,10 +200,11 @@ class Bench:
         text = "\n\n".join(paragraphs(EVAL_BOOK))
         self.eval_chunks = token_chunks(self.tokenizer, [text], eval_tokens // chunk, chunk)
         self.calibration = calibration_chunks(self.tokenizer, n_chunks=calibration_chunks_n)
-        ref = for_evaluation(self.fresh()[0])
-        self.ref_logp = [log_probs(ref, c) for c in self.eval_chunks]
+        self.ref = for_evaluation(self.fresh()[0])  # kept: it also judges generations (SaladCheck)
+        self.ref_logp = [log_probs(self.ref, c) for c in self.eval_chunks]
         self.progress, self.max_tokens, self.on_row = progress, max_tokens, on_row
         self.rows, self.skipped = [], []
+        self._salad = None
 
     def fresh(self):
         return mlx_utils.load_model(self.source)
@@ -207,10 +216,16 @@ class Bench:
         return {"ppl": math.exp(sum(math.log(s[0]) for s in stats) / n),
                 "kl": sum(s[1] for s in stats) / n, "top1": sum(s[2] for s in stats) / n}
 
+    def salad(self) -> SaladCheck:
+        """The float model as judge of word salad; its threshold is measured once, when first needed."""
+        if self._salad is None:
+            self._salad = SaladCheck(self.ref, self.tokenizer)
+        return self._salad
+
     def generations(self, model) -> dict:
-        """Greedy generations on evaluate.DEGENERATION_PROMPTS, scored; on the dequantized
-        fp32 model (for_evaluation): the same weights, fast on CPU."""
-        return degeneration_report(for_evaluation(model), self.tokenizer, self.max_tokens)
+        """Greedy generations on evaluate.DEGENERATION_PROMPTS, scored (word salad by the
+        float model); on the dequantized fp32 model (for_evaluation): the same weights, fast on CPU."""
+        return degeneration_report(for_evaluation(model), self.tokenizer, self.max_tokens, salad=self.salad())
 
     def run(self, name, family, method, quantize_fn, generate=False, **extra) -> dict:
         model, config = self.fresh()
@@ -244,7 +259,7 @@ class Bench:
             print(f"{name:<38}skipped: {e}", flush=True)
 
     def reference_generations(self) -> dict:
-        return self.generations(self.fresh()[0])
+        return self.generations(self.ref)
 
     def sensitivity_cost(self) -> dict:
         """Measure (or read from cache) the Fisher sensitivity table every JANG budget row
@@ -257,7 +272,7 @@ class Bench:
         return meter.as_dict()
 
 
-def mlx_option_list(dynamic=(), gptq=(), awq=(), fixed=tuple(MLX_OPTIONS)):
+def mlx_option_list(dynamic=(), gptq=(), awq=(), fixed=DEFAULT_MLX_OPTIONS):
     """(id, row name, quantize function) of every mlx-lm row asked for, fixed options first."""
     unknown = set(fixed) - set(MLX_OPTIONS)
     if unknown:
@@ -269,10 +284,25 @@ def mlx_option_list(dynamic=(), gptq=(), awq=(), fixed=tuple(MLX_OPTIONS)):
     return options
 
 
-def degeneration_pairs(rows, examples: int = 3) -> list:
+def _beyond(report, reference):
+    return beyond_reference(report, reference) if reference else None
+
+
+FLAGS = ("loop", "echo", "numbers", "fragments", "salad", "empty")
+
+
+def flags_of(output: dict) -> list:
+    """The names of the checks that flagged one scored generation."""
+    return [f for f in FLAGS if output.get(f)]
+
+
+def degeneration_pairs(rows, examples: int = 4, reference=None) -> list:
     """mlx-lm rows that were generated with, each beside the JANG row matched to its size:
-    the share of prompts flagged degenerate, the mean score (0 clean .. 1 flagged), and the
-    first ``examples`` prompts' outputs side by side (the first ones, not picked ones)."""
+    the share of prompts flagged degenerate, of them word salad, flagged where the float
+    ``reference`` report is not, the mean score (0 clean .. 1 flagged), and the first
+    ``examples`` prompts' outputs side by side with the flags they raised (the first
+    ones, not picked ones), the float model's answer beside them when ``reference`` is given."""
+    ref_outputs = reference["outputs"] if reference else []
     jang = {r["matched_to"]: r for r in rows if r.get("matched_to") and "degeneration" in r}
     pairs = []
     for m in rows:
@@ -284,9 +314,14 @@ def degeneration_pairs(rows, examples: int = 3) -> list:
             "mlx": m["name"], "jang": j["name"], "bits": m["avg_bits"], "jang_bits": j["avg_bits"],
             "mlx_fraction": md["fraction"], "jang_fraction": jd["fraction"],
             "mlx_score": md["mean_score"], "jang_score": jd["mean_score"],
+            "mlx_salad": md.get("salad_fraction"), "jang_salad": jd.get("salad_fraction"),
+            "mlx_beyond": _beyond(md, reference), "jang_beyond": _beyond(jd, reference),
             "examples": [{"prompt": a["prompt"], "mlx": a["output"], "jang": b["output"],
-                          "mlx_degenerate": a["degenerate"], "jang_degenerate": b["degenerate"]}
-                         for a, b in list(zip(md["outputs"], jd["outputs"]))[:examples]],
+                          "mlx_degenerate": a["degenerate"], "jang_degenerate": b["degenerate"],
+                          "mlx_flags": flags_of(a), "jang_flags": flags_of(b),
+                          **({"float": ref_outputs[i]["output"], "float_flags": flags_of(ref_outputs[i])}
+                             if i < len(ref_outputs) else {})}
+                         for i, (a, b) in enumerate(list(zip(md["outputs"], jd["outputs"]))[:examples])],
         })
     return pairs
 
@@ -301,7 +336,7 @@ def matched_table(rows) -> list:
 
 def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profiles=(), dynamic=(3.0,),
                 matched_method="mse", eval_tokens=2048, mlx_gptq=(4,), mlx_awq=(),
-                degeneration=DEGENERATION_OPTIONS, max_tokens=80, mlx_options=tuple(MLX_OPTIONS), command=None,
+                degeneration=DEGENERATION_OPTIONS, max_tokens=80, mlx_options=DEFAULT_MLX_OPTIONS, command=None,
                 on_result=None, calibration=32):
     """The whole comparison; ``on_result(result)`` is called after every row with the
     result so far, so a run stopped early still leaves a report."""
@@ -310,7 +345,7 @@ def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profile
 
     def publish():
         result.update(rows=bench.rows, skipped=bench.skipped, matched=matched_table(bench.rows),
-                      degeneration=degeneration_pairs(bench.rows))
+                      degeneration=degeneration_pairs(bench.rows, reference=result.get("reference_degeneration")))
         if on_result:
             on_result(result)
 
@@ -354,9 +389,13 @@ def merge_results(results: list) -> dict:
             rows.append(row)
     merged["rows"] = rows
     merged["skipped"] = [s for r in results for s in r.get("skipped", [])]
+    # the run that measured the sensitivity table, not one that read it from the cache
+    measured = [r["sensitivity"] for r in results if r.get("sensitivity")]
+    merged["sensitivity"] = max(measured, key=lambda m: m["seconds"]) if measured else None
     merged["reference_degeneration"] = next((r["reference_degeneration"] for r in results
                                              if r.get("reference_degeneration")), None)
-    merged["matched"], merged["degeneration"] = matched_table(rows), degeneration_pairs(rows)
+    merged["matched"] = matched_table(rows)
+    merged["degeneration"] = degeneration_pairs(rows, reference=merged["reference_degeneration"])
     return merged
 
 
@@ -413,24 +452,44 @@ def degeneration_markdown(result: dict) -> list:
     ref = result.get("reference_degeneration")
     lines = ["", f"Degeneration: greedy generations (up to {result.get('max_tokens')} tokens) on the "
                  f"{len(ref['outputs']) if ref else ''} prompts of `jang.evaluate.DEGENERATION_PROMPTS`, each "
-                 "flagged by `degeneration_scores` (loops, prompt echo, number runs, letter fragments, empty). "
-                 "*flagged*: share of prompts flagged; *score*: mean of the per-prompt score "
-                 "(0 clean … 1 flagged). Lower is better."]
+                 "flagged by `degeneration_scores` (loops, prompt echo, number runs, letter fragments, empty, and "
+                 "word salad: the float model's NLL of the text above `jang.coherence.SaladCheck`'s threshold). "
+                 "*flagged*: share of prompts flagged; *salad*: share flagged as word salad; *beyond float*: "
+                 "share flagged where the float model's own answer to that prompt is not; *score*: mean of the "
+                 "per-prompt score (0 clean … 1 flagged). Lower is better."]
     if ref:
+        cal = ref.get("salad_calibration")
         lines += ["", f"Float reference: {ref['fraction']:.0%} flagged, score {ref['mean_score']:.2f}."]
-    lines += ["", "| mlx-lm option | bits | mlx-lm flagged | mlx-lm score | JANG bits | JANG flagged | JANG score |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        if cal:
+            lines[-1] += (f" Word-salad threshold {cal['threshold']:.2f} nats/token: the float model's NLL of "
+                          f"{cal['paragraphs']} held-out paragraphs is {cal['prose_nll']:.2f} as written, "
+                          f"{cal['shuffled_nll']:.2f} with their words shuffled; the threshold is the midpoint.")
+    pct = lambda x: "-" if x is None else f"{x:.0%}"
+    lines += ["", "| mlx-lm option | bits | mlx-lm flagged | salad | beyond float | score | "
+                  "JANG bits | JANG flagged | salad | beyond float | score |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in pairs:
-        lines.append(f"| {p['mlx']} | {p['bits']:.3f} | {p['mlx_fraction']:.0%} | {p['mlx_score']:.2f} | "
-                     f"{p['jang_bits']:.3f} | {p['jang_fraction']:.0%} | {p['jang_score']:.2f} |")
+        lines.append(f"| {p['mlx']} | {p['bits']:.3f} | {p['mlx_fraction']:.0%} | {pct(p.get('mlx_salad'))} | "
+                     f"{pct(p.get('mlx_beyond'))} | {p['mlx_score']:.2f} | {p['jang_bits']:.3f} | "
+                     f"{p['jang_fraction']:.0%} | {pct(p.get('jang_salad'))} | {pct(p.get('jang_beyond'))} | "
+                     f"{p['jang_score']:.2f} |")
     for p in pairs:
-        lines += ["", f"**{p['mlx']}** vs **{p['jang']}** (first {len(p['examples'])} prompts; ⚑ = flagged):", "",
-                  "| prompt | mlx-lm | JANG |", "| --- | --- | --- |"]
+        with_float = all("float" in e for e in p["examples"])
+        lines += ["", f"**{p['mlx']}** vs **{p['jang']}** (first {len(p['examples'])} prompts; "
+                      "⚑ = flagged, with the checks that flagged it):", "",
+                  "| prompt | mlx-lm | JANG |" + (" float |" if with_float else ""),
+                  "| --- | --- | --- |" + (" --- |" if with_float else "")]
         for e in p["examples"]:
-            flag = lambda bad: "⚑ " if bad else ""
-            lines.append(f"| {_quote(e['prompt'], 80)} | {flag(e['mlx_degenerate'])}{_quote(e['mlx'])} | "
-                         f"{flag(e['jang_degenerate'])}{_quote(e['jang'])} |")
+            cells = [(e["mlx"], e.get("mlx_flags", ["flagged"] if e["mlx_degenerate"] else [])),
+                     (e["jang"], e.get("jang_flags", ["flagged"] if e["jang_degenerate"] else []))]
+            if with_float:
+                cells.append((e["float"], e["float_flags"]))
+            lines.append(f"| {_quote(e['prompt'], 80)} | " + " | ".join(_flagged(t, f) for t, f in cells) + " |")
     return lines
+
+
+def _flagged(text: str, flags) -> str:
+    return (f"⚑ {'+'.join(flags)}: " if flags else "") + _quote(text)
 
 
 def plot(result: dict, path: Path):

@@ -216,8 +216,8 @@ def build_parser():
     q.add_argument("--budgets", nargs="*", type=float, default=[2.5, 3.0, 3.5, 4.0, 4.5])
     q.add_argument("--profiles", nargs="*", default=[], help="named profiles to include (rtn)")
     q.add_argument("--mlx-options", nargs="*", default=None,
-                   help="which of mlx-lm's uniform/mixed options to run (default all: uniform2 uniform3 uniform4 "
-                        "mixed_2_6 mixed_3_6 mixed_4_6)")
+                   help="which of mlx-lm's uniform/mixed options to run (default: uniform2 uniform3 uniform4 "
+                        "mixed_2_6 mixed_3_6 mixed_4_6; also uniform2_g32, 2-bit group 32 = 3.0 bits)")
     q.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="instead of running: one report from these reports of runs that split the options")
     q.add_argument("--dynamic", nargs="*", type=float, default=[3.0], help="mlx-lm dynamic_quant targets")

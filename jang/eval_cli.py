@@ -16,6 +16,11 @@ def _degeneration(checks):
     return None if d is None else f"{sum(r['degenerate'] for r in d['outputs'])}/{d['n']}"
 
 
+def _salad(checks):
+    d = checks.get("degeneration")
+    return None if d is None else f"{sum(r['salad'] for r in d['outputs'])}/{d['n']}"
+
+
 def _mmlu(checks):
     m = checks.get("mmlu")
     return None if m is None else f"{m['accuracy']:.3f}"
@@ -31,6 +36,9 @@ def rows(result: dict) -> list:
     ]
     if "degeneration" in mine:
         table.append(("degenerate generations", _degeneration(mine), _degeneration(ref)))
+        table.append(("  of which word salad", _salad(mine), _salad(ref)))
+        table.append(("  degenerate where reference is not", _num(mine["degeneration"].get("beyond_reference"), ".0%"),
+                      "-"))
     if "mmlu" in mine:
         table.append((f"MMLU accuracy (n={mine['mmlu']['n']})", _mmlu(mine), _mmlu(ref)))
         table.append(("MMLU answers same as reference", _num(mine["mmlu"]["agreement"], ".3f"), "-"))

@@ -126,11 +126,17 @@ THRESHOLDS = {
     "echo": 0.6,  # share of word 3-grams copied from the prompt
     "numbers": 0.5,  # share of non-space characters inside long runs of numbers
     "fragments": 0.4,  # share of words that are stray single letters ("G.EW.G L.E.G.E.")
+    "salad": 1.0,  # the float model's NLL of the text / jang.coherence's threshold (word salad)
 }
 _UNITS = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks
 _WORDS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # alphabetic words, contractions kept whole
 _SINGLE_WORDS = {"a", "i", "o"}  # single letters that are English words
-_CHAR_RUN = re.compile(r"(.)\1{15,}", re.S)  # "!!!!!!!!!!!!!!!!", sixteen newlines
+# "!!!!!!!!!!!!!!!!", sixteen newlines, or sixteen characters of blank ("\n  \n  \n  ...": Gemma at 2.5 bits)
+_CHAR_RUN = re.compile(r"(.)\1{15,}|\s{16,}", re.S)
+# A piece of 2-8 characters six times back to back inside running text: "tensipsipsipsipsipsips",
+# "fingertmlmlmlmlmlml" (SmolLM2 at 2.5 bits, measured) -- a loop below the word level,
+# which has_cycle (whole words) does not see.
+_PIECE_RUN = re.compile(r"(\S.{1,7}?)\1{5,}", re.S)
 # 8+ numbers separated only by spaces/punctuation ("1 2 3 4 ...", "0.0.0.0..."), or 12+ digits in a row
 _NUMBER_RUN = re.compile(r"(?:\d+[\s,.;:/+\-*=()]*){8,}|\d{12,}")
 
@@ -182,20 +188,23 @@ def fragment_fraction(text: str, min_words: int = 6) -> float:
     return singles / len(words) if len(words) >= min_words else 0.0
 
 
-def degeneration_scores(text: str, prompt: str = "") -> dict:
+def degeneration_scores(text: str, prompt: str = "", salad: float = 0.0) -> dict:
     """Failure flags for one generation: loop (repeated phrases), echo (mostly the
-    prompt again), numbers (long runs of numbers), fragments (letter salad), empty.
+    prompt again), numbers (long runs of numbers), fragments (letter salad), salad
+    (word salad: ``salad`` is the float model's NLL of the text over
+    jang.coherence.SaladCheck's threshold; 0 when not judged), empty.
     ``score`` in [0, 1] is the worst measure relative to its threshold: 1.0 exactly
     when something is flagged."""
     units, prompt_units = _UNITS.findall(text.lower()), _UNITS.findall(prompt.lower())
     # Numbers count as one word "#" for cycles, so "1. Read the book. 2. Read the book." repeats.
     words = [re.sub(r"\d+", "#", u) for u in units if re.match(r"\w", u)]
-    cycle = has_cycle(words) or _CHAR_RUN.search(text) is not None
+    cycle = has_cycle(words) or any(run.search(text) for run in (_CHAR_RUN, _PIECE_RUN))
     measures = {
         "loop": 1.0 if cycle else repeated_fraction(units),
         "echo": echo_fraction(units, prompt_units),
         "numbers": number_fraction(text),
         "fragments": fragment_fraction(text),
+        "salad": salad,
     }
     flags = {name: value >= THRESHOLDS[name] for name, value in measures.items()}
     flags["empty"] = not re.search(r"\w", text)
@@ -232,20 +241,43 @@ def for_generation(model):
     return model
 
 
-def degeneration_report(model, tokenizer, max_tokens: int = 48, prompts=None) -> dict:
-    """Greedy generations for DEGENERATION_PROMPTS, each scored by degeneration_scores.
+def degeneration_report(model, tokenizer, max_tokens: int = 48, prompts=None, salad=None) -> dict:
+    """Greedy generations for DEGENERATION_PROMPTS, each scored by degeneration_scores;
+    with ``salad`` (a jang.coherence.SaladCheck on the float model) word salad too.
     ``fraction`` is the share of prompts flagged degenerate."""
     from mlx_lm.generate import generate
 
     prompts = DEGENERATION_PROMPTS if prompts is None else prompts
-    rows = []
+    outputs = []
     for prompt in prompts:
         framed, stops = chat_prompt(tokenizer, prompt)
-        text = cut(generate(model, tokenizer, framed, max_tokens=max_tokens), stops)
-        rows.append({"prompt": prompt, "output": text, **degeneration_scores(text, prompt)})
+        outputs.append((prompt, cut(generate(model, tokenizer, framed, max_tokens=max_tokens), stops)))
+    return scored_report(outputs, tokenizer, max_tokens, salad)
+
+
+def scored_report(outputs, tokenizer, max_tokens: int, salad=None) -> dict:
+    """The report of degeneration_report for (prompt, generated text) pairs: also how
+    generations stored by an earlier run are scored again (greedy output is deterministic)."""
+    rows = []
+    for prompt, text in outputs:
+        nll = salad.nll(chat_prompt(tokenizer, prompt)[0], text) if salad else None
+        ratio = 0.0 if nll is None else nll / salad.threshold
+        rows.append({"prompt": prompt, "output": text, "nll": nll, **degeneration_scores(text, prompt, ratio)})
     n = len(rows)
-    return {"fraction": sum(r["degenerate"] for r in rows) / n, "mean_score": sum(r["score"] for r in rows) / n,
-            "n": n, "max_tokens": max_tokens, "outputs": rows}
+    report = {"fraction": sum(r["degenerate"] for r in rows) / n, "mean_score": sum(r["score"] for r in rows) / n,
+              "n": n, "max_tokens": max_tokens, "outputs": rows}
+    if salad:
+        report["salad_fraction"] = sum(r["salad"] for r in rows) / n
+        report["salad_calibration"] = salad.calibration()
+    return report
+
+
+def beyond_reference(report: dict, reference: dict) -> float:
+    """Share of prompts flagged for a model whose float reference, on the same prompt,
+    was not flagged: failures the quantization added, not the float model's own
+    (a 135M model loops on some prompts at any precision)."""
+    pairs = list(zip(report["outputs"], reference["outputs"]))
+    return sum(r["degenerate"] and not f["degenerate"] for r, f in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------- MMLU
@@ -323,11 +355,12 @@ def default_reference(model_path):
     return json.loads(path.read_text()).get("source") if path.exists() else None
 
 
-def own_checks(model, tokenizer, degeneration: bool, mmlu: int, max_tokens: int) -> dict:
-    """The checks a model is put through on its own, reference or quantized."""
+def own_checks(model, tokenizer, degeneration: bool, mmlu: int, max_tokens: int, salad=None) -> dict:
+    """The checks a model is put through, reference or quantized (``salad``: the
+    float model's SaladCheck, which judges both)."""
     out = {}
     if degeneration:
-        out["degeneration"] = degeneration_report(model, tokenizer, max_tokens)
+        out["degeneration"] = degeneration_report(model, tokenizer, max_tokens, salad=salad)
     if mmlu:
         out["mmlu"] = mmlu_accuracy(model, tokenizer, mmlu)
     return out
@@ -349,6 +382,7 @@ def evaluate(model_path, reference=None, n_tokens: int = 2048, degeneration: boo
     weights, and about twice as fast as MLX's quantized matmul (SmolLM2 JANG_4M on
     2 busy cores: 5.2 vs 2.8 tok/s). ``native_generation=True`` generates through
     JANG's quantized layers instead."""
+    from .coherence import SaladCheck
     from .convert import resolve_source
     from .errors import JangError
     from .loader import load, resolve
@@ -362,15 +396,19 @@ def evaluate(model_path, reference=None, n_tokens: int = 2048, degeneration: boo
 
     ref_model, ref_tok = load(str(ref_folder))
     for_evaluation(ref_model)
-    result["reference_checks"] = own_checks(ref_model, ref_tok, degeneration, mmlu, max_tokens)
+    salad = SaladCheck(ref_model, ref_tok) if degeneration else None
+    result["reference_checks"] = own_checks(ref_model, ref_tok, degeneration, mmlu, max_tokens, salad)
 
     model, tokenizer = load(str(folder))
     native = degeneration and native_generation
-    native_report = degeneration_report(for_generation(model), tokenizer, max_tokens) if native else None
+    native_report = degeneration_report(for_generation(model), tokenizer, max_tokens, salad=salad) if native else None
     for_evaluation(model)
-    checks = own_checks(model, tokenizer, degeneration and not native, mmlu, max_tokens)
+    checks = own_checks(model, tokenizer, degeneration and not native, mmlu, max_tokens, salad)
     if native:
         checks["degeneration"] = native_report
+    if degeneration:
+        checks["degeneration"]["beyond_reference"] = beyond_reference(
+            checks["degeneration"], result["reference_checks"]["degeneration"])
     if mmlu:
         checks["mmlu"]["agreement"] = agreement(checks["mmlu"]["answers"], result["reference_checks"]["mmlu"]["answers"])
     result["model_checks"] = checks

@@ -11,6 +11,7 @@ import pytest
 from mlx_lm import utils as mlx_utils
 
 import jang
+from jang import allocate
 from jang.allocate import candidate_bytes, solve_budget
 from jang.calibration import calibration_chunks
 from jang.capture import input_statistics
@@ -43,6 +44,26 @@ def test_allocator_meets_every_budget_and_never_exceeds_it(seed):
         loss = sum(o[1] for o in chosen.values())
         assert loss <= previous  # more bits never predict more loss
         previous = loss
+
+
+def test_allocator_trades_small_tensors_down_for_a_big_one():
+    """Gemma-3-270m's shape: a tied embedding holding 63% of the weights beside 120 small
+    tensors, group-64 candidates, predicted KLs as measured there (embedding 2/3/4-bit:
+    1.60 / 0.36 / 0.08; the rest together 3.17 / 0.93 / 0.25). At 3.5 bits the Lagrangian
+    relaxation alone keeps the embedding at 2 bits; branching on it finds the plan with
+    it at 3 bits, which predicts less in total (held-out KL measured: 2.48 -> 1.70)."""
+    big = {2: 1.60, 3: 0.36, 4: 0.08, 5: 0.02, 6: 0.005, 8: 0.0003}
+    small = {2: 3.17 / 120, 3: 0.93 / 120, 4: 0.25 / 120, 5: 0.06 / 120, 6: 0.015 / 120, 8: 0.001 / 120}
+    shape_big, shape_small = (262144, 640), (1024, 640)
+    options = {"embed": [(candidate_bytes(shape_big, b, 64), s, (b, 64)) for b, s in big.items()]}
+    options.update({i: [(candidate_bytes(shape_small, b, 64), s, (b, 64)) for b, s in small.items()]
+                    for i in range(120)})
+    params = math.prod(shape_big) + 120 * math.prod(shape_small)
+    budget = 3.5 * params / 8
+    relaxed, chosen = allocate._relaxed(options, budget), solve_budget(options, budget)
+    assert relaxed["embed"][2] == (2, 64) and chosen["embed"][2] == (3, 64)
+    assert sum(o[1] for o in chosen.values()) < sum(o[1] for o in relaxed.values())
+    assert 3.45 <= 8 * sum(o[0] for o in chosen.values()) / params <= 3.5
 
 
 def test_allocator_refuses_an_impossible_budget():

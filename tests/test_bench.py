@@ -53,17 +53,28 @@ def test_degeneration_pairs_each_option_with_jang_at_its_size(tiny_llama, own_ca
                                eval_tokens=512, degeneration=("uniform2",), max_tokens=8,
                                on_result=lambda r: published.append(len(r["rows"])))
     assert published[:-1] == list(range(1, 13))  # a report after each of 6 mlx-lm + 6 matched rows
-    assert [m["mlx"] for m in result["matched"]] == [name for name, _ in bench.MLX_OPTIONS.values()]
+    assert [m["mlx"] for m in result["matched"]] == [bench.MLX_OPTIONS[i][0] for i in bench.DEFAULT_MLX_OPTIONS]
     assert all(m["jang_bits"] <= m["bits"] + 1e-6 for m in result["matched"])
     (pair,) = result["degeneration"]
     assert pair["mlx"] == "mlx-lm uniform 2-bit" and pair["jang"] == "JANG mse @ uniform 2-bit"
-    assert [e["prompt"] for e in pair["examples"]] == list(DEGENERATION_PROMPTS[:3])
+    assert [e["prompt"] for e in pair["examples"]] == list(DEGENERATION_PROMPTS[:4])
     assert 0 <= pair["jang_score"] <= 1 and 0 <= pair["mlx_fraction"] <= 1
+    # word salad judged by the float model, and failures counted beyond the float model's own
+    assert 0 <= pair["mlx_salad"] <= pair["mlx_fraction"] and 0 <= pair["jang_beyond"] <= pair["jang_fraction"]
+    assert all("float" in e and isinstance(e["mlx_flags"], list) for e in pair["examples"])
+    assert result["reference_degeneration"]["salad_calibration"]["threshold"] > 0
     assert len(result["reference_degeneration"]["outputs"]) == len(DEGENERATION_PROMPTS)
     md = bench.markdown(result)
     assert "| mlx-lm uniform 2-bit | 2.500 |" in md and "JANG flagged" in md
     with pytest.raises(JangError, match="unknown mlx-lm options"):
         bench.run_quality(tiny_llama, degeneration=("uniform7",), eval_tokens=512)
+
+
+def test_uniform_2_bit_group_32_is_3_bits_as_stored(tiny_llama, own_cache):
+    b = bench.Bench(tiny_llama, eval_tokens=512)
+    name, fn = bench.MLX_OPTIONS["uniform2_g32"]
+    row = b.mlx("uniform2_g32", name, fn)
+    assert row["avg_bits"] == pytest.approx(3.0, abs=0.01)  # 2 + (16 + 16) / 32
 
 
 def test_merge_keeps_first_row_per_option_and_rebuilds_the_tables():

@@ -33,6 +33,12 @@ DEGENERATE = [
                  id="one-letter cycle (SmolLM2 JANG_2M, measured)"),
     pytest.param("\nL. B. numerableun\n\n\n\n61\n\n(e.at)" + "\n" * 30, "List five fruits that are red.", "loop",
                  id="newline run (SmolLM2 JANG_2M, measured)"),
+    pytest.param("tensipsipsoftipsoftipsoftipsipsipsipsipsipsipsipsipsipsipsipsipsips", "How do I boil an egg?",
+                 "loop", id="piece run inside a word (SmolLM2 JANG mse 2.5 bits, measured)"),
+    pytest.param(" has seen them." + "\n  " * 20, "Describe a cat to someone who has never seen one.", "loop",
+                 id="blank run (Gemma-3-270m JANG mse 2.5 bits, measured)"),
+    pytest.param("for postdocs fingertmlmlmlmlmlmlmlmlmlmlmlmlml", "Give me three tips for staying focused "
+                 "while studying.", "loop", id="two-letter piece run (SmolLM2 JANG mse 2.5 bits, measured)"),
     pytest.param('\n "FG, G L.EW:2LBR:363: Ei.GL. G.EW.G L.E.G.E. G.E. G.L.E', "What is the capital of France?",
                  "fragments", id="letter salad (SmolLM2 JANG_2M, measured)"),
     pytest.param("\n\n1. Read the book.\n2. Read the book.\n3. Read the book.\n4. Read the book.\n5. Read the",
