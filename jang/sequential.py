@@ -18,27 +18,29 @@ from .capture import Recorder, Wrapper, running_in_float32
 from .quantizers.gptq import gptq
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     pass
 
 
-class _Inputs(Wrapper):
-    """Records each call's arguments after the hidden state into ``calls`` (and layer 0's
-    hidden state into ``first``); the last layer ends the pass."""
+class CallRecorder(Wrapper):
+    """Stands in for a decoder layer: records each call's arguments after the hidden
+    state into ``calls`` (masks differ by layer in Gemma 3) and layer 0's hidden state
+    into ``first``; the last layer ends the pass (StopForward). run_inner=False passes
+    the hidden state on without running the layer (its weights need not be loaded)."""
 
-    def __init__(self, inner, calls: list, first, last: bool):
+    def __init__(self, inner, calls: list, first, last: bool, run_inner: bool = True):
         super().__init__(inner)
-        object.__setattr__(self, "_to", (calls, first, last))
+        object.__setattr__(self, "_to", (calls, first, last, run_inner))
 
     def __call__(self, x, *args, **kwargs):
-        calls, first, last = self._to
+        calls, first, last, run_inner = self._to
         calls.append((args, kwargs))
         if first is not None:
             first.append(x)
             mx.eval(x)
         if last:
-            raise _StopForward
-        return self.inner(x, *args, **kwargs)
+            raise StopForward
+        return self.inner(x, *args, **kwargs) if run_inner else x
 
 
 def decoder_layers(model):
@@ -51,13 +53,13 @@ def layer_calls(model, chunks, layers):
     """(layer 0's hidden-state input per chunk, for each layer the other arguments it is
     called with per chunk), from one pass of the float model over the chunks."""
     calls, first = [[] for _ in layers], []
-    model.update_modules(tree_unflatten([(p, _Inputs(m, calls[i], first if i == 0 else None, i == len(layers) - 1))
+    model.update_modules(tree_unflatten([(p, CallRecorder(m, calls[i], first if i == 0 else None, i == len(layers) - 1))
                                          for i, (p, m) in enumerate(layers)]))
     try:
         for ids in chunks:
             try:
                 model(mx.array([ids]))  # lazy: only what layer 0's input and the masks need is computed
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         model.update_modules(tree_unflatten([(p, m) for p, m in layers]))

@@ -33,10 +33,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .capture import Recorder, Wrapper, add_gram
+from .capture import Recorder, add_gram
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
+from .sequential import CallRecorder, StopForward
 
 try:
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -46,30 +47,6 @@ except (OSError, AttributeError, TypeError):
 
 # mlx-lm model types whose LanguageModel is embed -> layers(x, ...) -> norm -> head.
 GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-
-
-class _Captured(Exception):
-    pass
-
-
-class _CaptureArgs(Wrapper):
-    """Stands in for a decoder layer in the capture pass: records the arguments after
-    the hidden state (masks differ by layer in Gemma 3) and passes the hidden state on;
-    the first layer's also keeps it, the last one's ends the pass."""
-
-    def __init__(self, inner, calls: list, first, last: bool):
-        super().__init__(inner)
-        object.__setattr__(self, "_to", (calls, first, last))
-
-    def __call__(self, x, *args, **kwargs):
-        calls, first, last = self._to
-        calls.append((args, kwargs))
-        if first is not None:
-            mx.eval(x)
-            first.append(x)
-        if last:
-            raise _Captured
-        return x
 
 
 class _Rows(nn.Module):
@@ -98,12 +75,12 @@ def _layer_inputs(model, embedding, chunks):
     calls, first = [[] for _ in layers], []
     lm.embed_tokens = _Rows(embedding)
     for i, layer in enumerate(layers):
-        lm.layers[i] = _CaptureArgs(layer, calls[i], first if i == 0 else None, i == len(layers) - 1)
+        lm.layers[i] = CallRecorder(layer, calls[i], first if i == 0 else None, i == len(layers) - 1, run_inner=False)
     try:
         for ids in chunks:
             try:
                 model(mx.array([ids]))
-            except _Captured:
+            except StopForward:
                 pass
     finally:
         lm.layers[:] = layers
