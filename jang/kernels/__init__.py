@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 from . import cpu, gpu, reference
 
@@ -199,23 +200,23 @@ def swiglu(x, gate, up, norm=None):
                       norm=None if norm is None else _rms(norm))
 
 
+# mlx-lm rope module class -> its per-pair angular speeds (what the q/k/v kernel's
+# RoPE reads); other kinds (YaRN, SuScaled, ...) keep MLX's rope.
+_ROPE_SPEEDS = {
+    nn.RoPE: lambda r: gpu.rope_inv_freq(r.dims, r.base, r.scale),
+    Llama3RoPE: lambda r: gpu.rope_inv_freq(r.dims, None, 1.0, r._freqs),
+}
+
+
 def _rope_args(rope, head_dim: int, offset):
     """(inv_freq, offset, head_dim, traditional) for the q/k/v kernel's RoPE, from the
     mlx-lm rope module of an attention layer, or None for a kind it does not cover."""
-    from mlx_lm.models.rope_utils import Llama3RoPE
-
-    if getattr(rope, "dims", None) != head_dim:  # partial rotary: MLX's rope
+    speeds = _ROPE_SPEEDS.get(type(rope))
+    if speeds is None or rope.dims != head_dim:  # partial rotary: MLX's rope
         return None
-    if type(rope) is nn.RoPE:
-        inv = rope.__dict__.get("_jang_inv_freq")
-        if inv is None:
-            inv = rope.__dict__["_jang_inv_freq"] = gpu.rope_inv_freq(rope.dims, rope.base, rope.scale)
-    elif type(rope) is Llama3RoPE:
-        inv = rope.__dict__.get("_jang_inv_freq")
-        if inv is None:
-            inv = rope.__dict__["_jang_inv_freq"] = gpu.rope_inv_freq(rope.dims, None, 1.0, rope._freqs)
-    else:
-        return None
+    inv = rope.__dict__.get("_jang_inv_freq")
+    if inv is None:
+        inv = rope.__dict__["_jang_inv_freq"] = speeds(rope)
     return inv, offset, head_dim, rope.traditional
 
 
@@ -237,7 +238,8 @@ def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
 
 def linear_residual(x, layer, resid):
     """resid + layer(x) in one launch, or None where it does not apply."""
-    if not _fusable("fused_decode", x, (layer,)) or resid.shape[-1] != layer["weight"].shape[0] or resid.dtype != x.dtype:
+    if (not _fusable("fused_decode", x, (layer,)) or resid.shape[-1] != layer["weight"].shape[0]
+            or resid.dtype != x.dtype):
         return None
     return gpu.qmv(x, *_arrays(layer), layer.group_size, layer.bits, resid=resid)
 
