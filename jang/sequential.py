@@ -49,11 +49,13 @@ def decoder_layers(model):
     return [(paths[id(layer)], layer) for layer in getattr(model, "layers", [])]
 
 
-def layer_calls(model, chunks, layers):
+def layer_calls(model, chunks, layers, run_inner=True):
     """(layer 0's hidden-state input per chunk, for each layer the other arguments it is
-    called with per chunk), from one pass of the float model over the chunks."""
+    called with per chunk), from one pass of the float model over the chunks.
+    run_inner=False: the layers are not run (see CallRecorder)."""
     calls, first = [[] for _ in layers], []
-    model.update_modules(tree_unflatten([(p, CallRecorder(m, calls[i], first if i == 0 else None, i == len(layers) - 1))
+    model.update_modules(tree_unflatten([(p, CallRecorder(m, calls[i], first if i == 0 else None,
+                                                          i == len(layers) - 1, run_inner))
                                          for i, (p, m) in enumerate(layers)]))
     try:
         for ids in chunks:

@@ -37,7 +37,7 @@ from .capture import Recorder, add_gram
 from .quantize import check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
-from .sequential import CallRecorder, StopForward
+from .sequential import decoder_layers, layer_calls
 
 try:
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -71,19 +71,11 @@ def _layer_inputs(model, embedding, chunks):
     embedding rows are gathered in the source dtype and cast, the values the fp32
     model would give without building its fp32 table (twice the source's size)."""
     lm = model.model
-    layers, table = list(lm.layers), lm.embed_tokens
-    calls, first = [[] for _ in layers], []
+    table = lm.embed_tokens
     lm.embed_tokens = _Rows(embedding)
-    for i, layer in enumerate(layers):
-        lm.layers[i] = CallRecorder(layer, calls[i], first if i == 0 else None, i == len(layers) - 1, run_inner=False)
     try:
-        for ids in chunks:
-            try:
-                model(mx.array([ids]))
-            except StopForward:
-                pass
+        first, calls = layer_calls(model, chunks, decoder_layers(model), run_inner=False)
     finally:
-        lm.layers[:] = layers
         lm.embed_tokens = table
     return first, calls
 
