@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jang.kernels import dialect  # noqa: E402
+from jang.kernels import dialect, metal_export  # noqa: E402
 
 ROOT = Path(os.environ.get("NVRTC_ROOT", "/tmp/nvrtc/ex/nvidia/cu13"))
 MLX_INC = os.environ.get("MLX_INC", "/tmp/nvrtc/mlxinc")
@@ -39,20 +39,10 @@ KERNELS = {
                   "using T = __half; constexpr int D = 128; constexpr int WINDOW = 0; constexpr int WARPS = 4;"),
 }
 
-H = "__half"
-# the fused decode variants (macros of qmv.body / swiglu.body): name -> (body, defines,
-# extra inputs, extra outputs)
-VARIANTS = {
-    "qmv_norm_resid": ("qmv", ("JG_NORM", "JG_RESID"), [("norm_w", H), ("eps", "float"), ("resid", H)], []),
-    "qmv_multi_norm": ("qmv", ("JG_MULTI", "JG_NORM"),
-                       [("w1", "uint32_t"), ("scales1", H), ("biases1", H), ("w2", "uint32_t"), ("scales2", H),
-                        ("biases2", H), ("norm_w", H), ("eps", "float")], ["out1", "out2"]),
-    "swiglu_norm": ("swiglu", ("JG_NORM",), [("norm_w", H), ("eps", "float")], []),
-    "qmv_multi_norm_rope": ("qmv", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
-                            [("w1", "uint32_t"), ("scales1", H), ("biases1", H), ("w2", "uint32_t"), ("scales2", H),
-                             ("biases2", H), ("norm_w", H), ("eps", "float"), ("inv_freq", "float"),
-                             ("offset", "int32_t")], ["out1", "out2"]),
-}
+# the fused decode variants, as metal_export lists them, with CUDA's type names
+_CUDA_TYPE = {"half": "__half", "int": "int32_t"}
+VARIANTS = {name: (body, defines, [(n, _CUDA_TYPE.get(t, t)) for n, t in extra_in], extra_out)
+            for name, (body, defines, extra_in, extra_out) in metal_export.VARIANTS.items()}
 
 
 def source(name):
