@@ -102,7 +102,7 @@ def _chain(op, x, sets):
     def run():
         v = x
         for i in range(CHAIN):
-            v = op(v, sets[i % len(sets)]) * 1e-3  # keep values bounded; the scale is one tiny op
+            v = op(v, sets[i % len(sets)])  # values may overflow: timing does not depend on them
         return v
     return run
 
@@ -152,11 +152,16 @@ def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,
         config = _sweep(row, "jang", configs,
                         lambda c: lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, c) for s in sets])
         row["config"] = {**gpu.QMV, **(config or {})}
+        tc = gpu.qmv_tc_supported(x, bits, gs)
+        if tc:  # the tensor-core GEMV (what decode uses for these bits)
+            measure(row, "tc", lambda: [lambda s=s: gpu.qmv_tc(x, *s, gs, bits) for s in sets])
         if n == k:
             # Each launch reads the previous one's output: nothing overlaps, so the GPU time
             # is the kernel's own and the wall time is kernel + launch gap.
             measure(row, "mlx_chain", lambda: [_chain(lambda v, s: reference.quantized_matmul(v, *s, gs, bits), x, sets)], 1)
             measure(row, "jang_chain", lambda: [_chain(lambda v, s: gpu.qmv(v, *s, gs, bits, config), x, sets)], 1)
+            if tc:
+                measure(row, "tc_chain", lambda: [_chain(lambda v, s: gpu.qmv_tc(v, *s, gs, bits), x, sets)], 1)
         rows.append(row)
         del sets
     return rows
@@ -323,6 +328,13 @@ def markdown(result: dict) -> str:
                 per = {k: _best(r, k) / CHAIN for k in ("mlx_chain", "jang_chain")}
                 notes.append(f"chained: MLX {per['mlx_chain'] * 1e6:.1f} µs, JANG {per['jang_chain'] * 1e6:.1f} µs = "
                              f"{r['bytes'] / per['jang_chain'] / 1e9:.0f} GB/s")
+            if "tc_s" in r:
+                tc = _best(r, "tc")
+                notes.append(f"tensor-core GEMV {tc * 1e6:.1f} µs = {r['bytes'] / tc / 1e9:.0f} GB/s, "
+                             f"{t_mlx / tc:.2f}x MLX")
+                if "tc_chain_s" in r:
+                    tcc = _best(r, "tc_chain") / CHAIN
+                    notes.append(f"chained {tcc * 1e6:.1f} µs = {r['bytes'] / tcc / 1e9:.0f} GB/s")
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['bits'] or '-'} | {r['dtype']} | {us(r.get('mlx_gpu_s'))} | "
                      f"{us(r.get('jang_gpu_s'))} | {t_mlx / t_jang:.2f}x | {gbs:.0f} | {gbs / bw:.0%} | "
                      f"{us(r['mlx_s'])} | {us(r['jang_s'])} | {'; '.join(notes)} |")

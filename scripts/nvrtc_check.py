@@ -24,6 +24,12 @@ KERNELS = {
     "qmv": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
             "using T = __half; constexpr int BITS = 3; constexpr int GS = 64; constexpr int R = 2; "
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
+    "qmv_tc": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
+               "using T = __half; constexpr int BITS = 4; constexpr int GS = 64; constexpr int RT = 2; "
+               "constexpr int KS = 4; constexpr int MT = 1;"),
+    "qmv_tc_bf16_2bit": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
+                         "using T = __nv_bfloat16; constexpr int BITS = 2; constexpr int GS = 128; constexpr int RT = 1; "
+                         "constexpr int KS = 8; constexpr int MT = 2;"),
     "qmm": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
             "using T = __nv_bfloat16; constexpr int BITS = 5; constexpr int GS = 32; constexpr int WM = 2; "
             "constexpr int WN = 2; constexpr int FM = 2; constexpr int FN = 2;"),
@@ -45,9 +51,13 @@ VARIANTS = {name: (body, defines, [(n, _CUDA_TYPE.get(t, t)) for n, t in extra_i
             for name, (body, defines, extra_in, extra_out) in metal_export.VARIANTS.items()}
 
 
+# more template instances of one body: name -> body
+INSTANCES = {"qmv_tc_bf16_2bit": "qmv_tc"}
+
+
 def source(name):
-    body_name, defines, extra_in, extra_out = VARIANTS.get(name, (name, (), [], []))
-    inputs, template = KERNELS[body_name]
+    body_name, defines, extra_in, extra_out = VARIANTS.get(name, (INSTANCES.get(name, name), (), [], []))
+    inputs, template = KERNELS[name if name in KERNELS else body_name]
     if "JG_ROPE" in defines:
         template += " constexpr int D = 128; constexpr bool TRADITIONAL = false;"
     inputs = inputs + extra_in

@@ -17,7 +17,7 @@ from jang.kernels import dialect, metal_export
 from jang.quantizers.pack import pack
 
 ROOT = Path(__file__).resolve().parents[1]
-BODIES = sorted(p.stem for p in dialect.SRC.glob("*.body"))
+BODIES = sorted(p.stem for p in dialect.SRC.glob("*.body") if p.stem not in dialect.CUDA_ONLY_BODIES)
 CUDA_ONLY = re.compile(r"\b(threadIdx|blockIdx|__syncthreads|__syncwarp|__shared__|__shfl_xor_sync)\b")
 METAL_ONLY = re.compile(r"\b(thread_position_in_threadgroup|threadgroup_position_in_grid|simdgroup_index_in_threadgroup|"
                         r"thread_index_in_simdgroup|threadgroup_barrier|simdgroup_barrier|simd_sum)\b")
@@ -35,6 +35,18 @@ def test_translation_leaves_no_neutral_words(name):
     assert not neutral.search(cuda) and not neutral.search(metal)
     assert not METAL_ONLY.search(cuda), "a Metal built-in leaked into the CUDA body"
     assert not CUDA_ONLY.search(metal), "a CUDA built-in leaked into the Metal body"
+
+
+@pytest.mark.parametrize("name", dialect.CUDA_ONLY_BODIES)
+def test_cuda_only_bodies_build_with_their_helpers(name):
+    """A CUDA-only body (the tensor-core GEMV) translates cleanly and gets the CUDA-only
+    helpers it uses; the Metal header never carries them."""
+    neutral = re.compile(r"\b(" + "|".join(dialect.TOKENS["cuda"]) + r")\b")
+    head, body = dialect.source(name, "cuda")
+    assert not neutral.search(body) and not METAL_ONLY.search(body)
+    used = set(re.findall(r"\bjg_\w+", body))
+    assert used and all(re.search(r"\b" + helper + r"\b", head) for helper in used), used
+    assert "jg_tc_" not in dialect.header("metal")
 
 
 def test_committed_metal_sources_are_current(tmp_path):

@@ -166,6 +166,41 @@ def test_qmv_fusions(bits, dtype):
         assert rel_err(gpu.swiglu(x, gate, up, 64, bits, norm=(nw, 1e-5)), g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
 
 
+# the tensor-core GEMV's layouts: every bit width it reads per dtype, every group size at 4 bits
+TC_CASES = ([(4, g, mx.float16) for g in gpu.GROUP_SIZES] + [(2, 64, mx.float16), (2, 128, mx.float16), (8, 64, mx.float16)]
+            + [(4, 64, mx.bfloat16), (2, 32, mx.bfloat16)])
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+@pytest.mark.parametrize("bits,gs,dtype", TC_CASES, ids=[f"{b}bit-g{g}-{'fp16' if d == mx.float16 else 'bf16'}" for b, g, d in TC_CASES])
+def test_qmv_tc(bits, gs, dtype):
+    """qmv_tc against the fp32 reference: rows not a multiple of the tile, K whose groups
+    do not fill the last run of 8 (640 = 10 groups of 64), one and two tokens, residual."""
+    assert gpu.qmv_tc_supported(mx.zeros((1, 64), dtype), bits, gs)
+    for n, k, m in ((200, 640, 1), (384, 4096, 2)):
+        wq, s, b = quantized(n, k, bits, gs, dtype, seed=bits * 100 + gs + n)
+        x = mx.random.normal((m, k)).astype(dtype)
+        ref = reference_matmul(x, wq, s, b, gs, bits)
+        assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits), ref) < TOL[dtype]
+        resid = mx.random.normal((m, n)).astype(dtype)
+        assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, resid=resid), ref + resid.astype(mx.float32)) < TOL[dtype]
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
+    from jang import kernels
+
+    wq, s, b = quantized(512, 1024, 4, 64, mx.float16)
+    x = mx.random.normal((1, 1024)).astype(mx.float16)
+    ref = reference_matmul(x, wq, s, b, 64, 4)
+    on = kernels._gemv(x, wq, s, b, 64, 4)
+    with kernels.enabled(["qmv_tc=off"]):
+        off = kernels._gemv(x, wq, s, b, 64, 4)
+    assert rel_err(on, ref) < TOL[mx.float16] and rel_err(off, ref) < TOL[mx.float16]
+    x3 = mx.random.normal((3, 1024)).astype(mx.float16)  # more tokens than QMV_TC_MAX_M: the CUDA-core kernel
+    assert rel_err(kernels._gemv(x3, wq, s, b, 64, 4), reference_matmul(x3, wq, s, b, 64, 4)) < TOL[mx.float16]
+
+
 def test_compiled_decode_with_fused_kernels():
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on gives the logits of mlx-lm's own modules."""

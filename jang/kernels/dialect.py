@@ -187,9 +187,18 @@ def body(name: str) -> str:
     return (SRC / f"{name}.body").read_text()
 
 
+# bodies written for one dialect only (no export to the other)
+CUDA_ONLY_BODIES = ("qmv_tc",)
+
+# helpers only some dialects have (the tensor-core GEMV reads mma.sync fragments
+# register by register: no Metal counterpart)
+DIALECT_INCLUDES = {"cuda": ("cuda.inc",), "metal": ()}
+
+
 @lru_cache(maxsize=None)
 def header(dialect: str) -> str:
-    return PRELUDE[dialect] + translate((SRC / "common.inc").read_text(), dialect)
+    files = ("common.inc",) + DIALECT_INCLUDES[dialect]
+    return PRELUDE[dialect] + "".join(translate((SRC / f).read_text(), dialect) for f in files)
 
 
 def minify(text: str) -> str:

@@ -102,6 +102,46 @@ def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
 
+# Tensor-core GEMV (qmv_tc.body, CUDA only): the bit widths whose codes pair up into
+# 16-bit floats with one and-or (see src/cuda.inc), per activation dtype.
+QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
+# Launch shape (docs/kernels.md, H100 sweep of 8192x8192): 16-row tiles per warp (RT),
+# warps per block sharing K (KS), tokens per block (MT); per bit width where the
+# winner differs. prefetch (load the next run's words during this one) and alu_sums
+# (the group sums of x on the CUDA cores instead of a second mma) measured no faster.
+QMV_TC = {"RT": 1, "KS": 4, "MT": 2, "prefetch": False, "alu_sums": False}
+QMV_TC_BY_BITS = {2: {"RT": 2, "KS": 8}}
+QMV_TC_OPTIONS = {"prefetch": "JG_TC_PREFETCH", "alu_sums": "JG_TC_ALU_SUMS"}  # config key -> macro
+QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
+
+
+def qmv_tc_supported(x, bits, group_size) -> bool:
+    return _dialect() == "cuda" and bits in QMV_TC_BITS.get(x.dtype, ()) and group_size in GROUP_SIZES
+
+
+@lru_cache(maxsize=None)
+def _qmv_tc_launch(M, N, K, bits, group_size, dtype, RT, KS, MT, defines=()):
+    mt = min(MT, M)
+    runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
+    ks = max(1, min(KS, runs))
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt)]
+    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    kern = dialect.kernel("qmv_tc", inputs, ("out",), "cuda", defines=defines)
+    return kern, template, (math.ceil(N / (16 * RT)) * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
+
+
+def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, resid=None):
+    """qmv on the tensor cores (CUDA; qmv_tc_supported): x (..., K) -> (..., N)."""
+    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {})}
+    N, K = w.shape[0], x.shape[-1]
+    defines, extra = _fusion_args(None, resid)
+    defines = tuple(d for key, d in QMV_TC_OPTIONS.items() if c.get(key)) + defines
+    kern, template, grid, tg = _qmv_tc_launch(x.size // K, N, K, bits, group_size, x.dtype,
+                                              c["RT"], c["KS"], c["MT"], defines)
+    return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
 def multi_rows_ok(mats, head_dim=None) -> bool:
     """Whether qmv_multi can serve these three matrices: each block serves one matrix;
     with RoPE (head_dim) each warp one rotation pair of a head."""
