@@ -109,8 +109,12 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # warps per block sharing K (KS), tokens per block (MT); per bit width where the
 # winner differs. prefetch (load the next run's words during this one) and alu_sums
 # (the group sums of x on the CUDA cores instead of a second mma) measured no faster.
-QMV_TC = {"RT": 1, "KS": 4, "MT": 2, "prefetch": False, "alu_sums": False}
-QMV_TC_BY_BITS = {2: {"RT": 2, "KS": 8}}
+# KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
+# sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
+# rows would otherwise leave the GPU with too few warps to keep loads in flight.
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "prefetch": False, "alu_sums": False}
+QMV_TC_BY_BITS = {2: {"RT": 2}}
+QMV_TC_WARPS = 2048
 QMV_TC_OPTIONS = {"prefetch": "JG_TC_PREFETCH", "alu_sums": "JG_TC_ALU_SUMS"}  # config key -> macro
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 
@@ -123,7 +127,9 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 def _qmv_tc_launch(M, N, K, bits, group_size, dtype, RT, KS, MT, defines=()):
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
-    ks = max(1, min(KS, runs))
+    if KS is None:
+        KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * 16 * RT / N))))
+    ks = max(1, min(KS, 16, runs))
     template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt)]
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
     kern = dialect.kernel("qmv_tc", inputs, ("out",), "cuda", defines=defines)
