@@ -1,0 +1,102 @@
+"""The tensor-core GEMV's launch-shape sweep and parity checks, on a CUDA GPU
+(docs/kernels.md, "The tensor-core GEMV"): chained GPU time of 8192x8192 GEMVs for
+MLX's quantized_matmul, the CUDA-core kernel and qmv_tc at several RT / KS / options,
+then qmv_tc against the fp32 reference. Writes $OUT/probe_tc.json (or /tmp).
+
+    python scripts/qmv_tc_sweep.py
+"""
+import json, os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
+from jang.kernels import gpu, reference
+from jang import bench_kernels as bk
+
+out_dir = os.environ.get("OUT", "/tmp")
+res = {"parity": [], "timing": []}
+
+def ref(x, wq, s, b, gs, bits):
+    w = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+    return x.astype(mx.float32) @ w.T
+
+def rel(o, r):
+    o = o.astype(mx.float32)
+    return (mx.linalg.norm((o - r).reshape(-1)) / mx.linalg.norm(r.reshape(-1))).item()
+
+def chain_time(op, x, sets, n=64):
+    def run():
+        v = x
+        for i in range(n):
+            v = op(v, sets[i % len(sets)])
+        return v
+    prof = bk._torch_profiler()
+    profile, activity, cuda = prof
+    mx.eval(run()); mx.synchronize()
+    best = None
+    for _ in range(3):
+        with profile(activities=[activity]) as p:
+            mx.eval(run()); mx.synchronize()
+        ks = [e for e in p.events() if e.device_type == cuda]
+        names = {}
+        for e in ks:
+            names[e.name] = names.get(e.name, 0) + e.time_range.elapsed_us()
+        tot = sum(names.values()) / n
+        best = tot if best is None else min(best, tot)
+    t0 = time.perf_counter(); mx.eval(run()); mx.synchronize(); wall = (time.perf_counter() - t0) / n * 1e6
+    return best, wall, {k[:60]: round(v / n, 2) for k, v in names.items()}
+
+copy = bk.copy_bandwidth() / 1e9
+print("copy GB/s", round(copy))
+res["copy_GBps"] = copy
+N = K = 8192
+for dt, bits in ((mx.float16, 4), (mx.float16, 2)):
+    sets = bk._rotating(bk._random_quantized(N, K, 64, bits, dt))
+    nbytes = bk._nbytes(*sets[0]) + K * 2 + N * 2
+    x = mx.random.normal((1, K)).astype(dt)
+    rows = []
+    rows.append(("mlx",) + chain_time(lambda v, s: reference.quantized_matmul(v, *s, 64, bits), x, sets))
+    R = 4 if bits == 4 else 2
+    rows.append((f"old R{R}",) + chain_time(lambda v, s: gpu.qmv(v, *s, 64, bits, {"R": R}), x, sets))
+    for RT, KS in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8)):
+        for alu in (False, True):
+            cfg = {"RT": RT, "KS": KS, "MT": 1, "prefetch": False, "alu_sums": alu}
+            rows.append((f"tc RT{RT} KS{KS} alu{int(alu)}",) + chain_time(lambda v, s: gpu.qmv_tc(v, *s, 64, bits, cfg), x, sets))
+            print(rows[-1][:3], flush=True)
+    cfg = {"RT": 1, "KS": 4, "MT": 1, "prefetch": True}
+    rows.append(("tc RT1 KS4 prefetch",) + chain_time(lambda v, s: gpu.qmv_tc(v, *s, 64, bits, cfg), x, sets))
+    for name, g, w, names in rows:
+        line = f"{str(dt)[-7:]} {bits}bit {name:14s} gpu {g:7.1f} us  {nbytes / g / 1e3:6.0f} GB/s  wall {w:7.1f}  {names}"
+        print(line, flush=True)
+        json.dump(res, open(os.path.join(out_dir, "probe_tc.json"), "w"), indent=1, default=str)
+        res["timing"].append([str(dt), bits, name, g, nbytes / g / 1e3, w, names])
+    del sets
+cases = [(mx.float16, 4, 32), (mx.float16, 4, 64), (mx.float16, 4, 128), (mx.float16, 2, 64), (mx.float16, 8, 64),
+         (mx.bfloat16, 4, 64), (mx.bfloat16, 2, 128)]
+for dt, bits, gs in cases:
+    for (n, k, ms) in ((200, 640, (1,)), (384, 4096, (3,))):
+        mx.random.seed(bits * 7 + gs)
+        wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dt), group_size=gs, bits=bits)
+        for m in ms:
+            x = mx.random.normal((m, k)).astype(dt)
+            r = ref(x, wq, s, b, gs, bits)
+            for cfg in ({"RT": 1, "KS": 4, "MT": 2, "alu_sums": False}, {"RT": 1, "KS": 4, "MT": 2, "alu_sums": True}):
+                try:
+                    e = rel(gpu.qmv_tc(x, wq, s, b, gs, bits, cfg), r)
+                except Exception as ex:
+                    e = repr(ex)[:200]
+                res["parity"].append([str(dt), bits, gs, n, k, m, cfg, e])
+                print("parity", res["parity"][-1], flush=True)
+        if (bits, gs) != (4, 64): continue
+        resid = mx.random.normal((1, n)).astype(dt)
+        x = mx.random.normal((1, k)).astype(dt)
+        e = rel(gpu.qmv_tc(x, wq, s, b, gs, bits, resid=resid), ref(x, wq, s, b, gs, bits) + resid.astype(mx.float32))
+        res["parity"].append([str(dt), bits, gs, n, k, 1, "resid", e])
+bad = [p for p in res["parity"] if not isinstance(p[-1], float) or p[-1] > (2e-2 if "bfloat16" in p[0] else 4e-3)]
+print("parity cases", len(res["parity"]), "bad", len(bad))
+for p in bad[:20]: print("BAD", p)
+worst = max((p[-1] for p in res["parity"] if isinstance(p[-1], float) and p[6] != "old"), default=None)
+print("worst tc err", worst)
+
+
+json.dump(res, open(os.path.join(out_dir, "probe_tc.json"), "w"), indent=1, default=str)
