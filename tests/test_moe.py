@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import numpy as np
+from mlx.utils import tree_flatten
 import pytest
 from mlx_lm import utils as mlx_utils
 
@@ -14,6 +15,8 @@ import jang
 from jang.allocate import TensorPlan, plan_from_profile
 from jang.calibration import calibration_chunks, token_chunks
 from jang.data import paragraphs
+from jang.format import read_folder
+from jang import stream_gptq
 from jang.evaluate import for_evaluation, log_probs, next_token_stats
 from jang.layers import QuantizedSwitchLinear
 from jang.quantizers.gptq import gptq
@@ -228,3 +231,38 @@ def test_gptq_profile_records_experts_as_gptq_and_the_embedding_as_mse(moe_text)
     assert methods.pop("model.embed_tokens") == "mse" and "gptq not applied" in plan["model.embed_tokens"].note
     assert set(methods.values()) == {"gptq"} and set(EXPERT_PATHS) <= set(methods)
     assert plan["model.layers.0.mlp.gate"].bits is None  # the router stays float
+
+
+_DENSE_PART = {k: TINY_QWEN3_MOE[k] for k in (
+    "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "rms_norm_eps", "vocab_size", "rope_theta", "tie_word_embeddings", "max_position_embeddings", "torch_dtype")}
+STREAMED_MOE = {
+    "qwen3_moe": TINY_MOE,
+    "mixtral": {**_DENSE_PART, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_DENSE_PART, "model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2,  # + a shared expert
+                  "moe_intermediate_size": 128, "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": False},
+}
+
+
+@pytest.mark.parametrize("model_type", list(STREAMED_MOE))
+def test_gptq_streams_moe_layer_by_layer_same_tensors_as_in_memory(tmp_path, smollm2_float, monkeypatch, model_type):
+    """jang.convert streams GPTQ for MoE models (one layer's weights in memory, each expert
+    stack measured in a pass of its own) to the very tensors of in-memory GPTQ."""
+    source = make_tiny_model(tmp_path / "moe", STREAMED_MOE[model_type], smollm2_float)
+    staged = []
+    real_stage = stream_gptq.gptq_stage
+    monkeypatch.setattr(stream_gptq, "gptq_stage", lambda *a, **k: staged.append(1) or real_stage(*a, **k))
+    out = tmp_path / "out"
+    jang.convert(str(source), out, "JANG_2M", method="gptq", progress=False)
+    assert staged, f"{model_type} should take the streaming GPTQ path"
+    model, _ = mlx_utils.load_model(source, lazy=True)
+    plan = jang.quantize(model, "JANG_2M", method="gptq", tokenizer=mlx_utils.load_tokenizer(source), progress=False)
+    experts = [t for t in plan if t.role.startswith("expert_")]
+    assert len(experts) == 6 and all(t.method == "gptq" for t in experts)
+    streamed, _ = jang.load(str(out))
+    a, b = dict(tree_flatten(streamed.parameters())), dict(tree_flatten(model.parameters()))
+    assert a.keys() == b.keys()
+    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    records, _ = read_folder(out)  # the shard headers say what ran
+    assert all(records[t.path]["method"] == "gptq" and "gptq per expert" in records[t.path]["note"] for t in experts)
