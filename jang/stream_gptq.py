@@ -124,13 +124,13 @@ def _passes(rel: list) -> list:
     the others have 2048: a 268 MB Hessian in fp32) and its output feeds no other linear
     of the layer, so it is measured and quantized first, on its own: the others'
     Hessians, measured after, are the same numbers, and never coexist with its own.
-    Each MoE expert stack gets a pass of its own too: it has one Hessian per expert
-    (Qwen3-30B-A3B's gate or up: 128 x 2048^2 in fp32, 2 GiB), and a layer forward costs
-    little beside solving 128 experts. Down first, so the others are measured on inputs
-    its quantization does not change (it feeds nothing in its layer)."""
+    Each MoE expert stack gets a pass of its own too, after the down projections: it
+    has one Hessian per expert (Qwen3-30B-A3B's gate or up: 128 x 2048^2 in fp32,
+    2 GiB), and a layer forward costs little beside solving 128 experts."""
     down = [r for r in rel if r.endswith("mlp.down_proj") or classify(r) == "expert_down"]
-    experts = [[r] for r in rel if classify(r).startswith("expert_") and r not in down]
-    return [g for g in ([[r] for r in down] + experts + [[r for r in rel if r not in down and [r] not in experts]]) if g]
+    stacks = [r for r in rel if classify(r).startswith("expert_") and r not in down]
+    rest = [r for r in rel if r not in down and r not in stacks]
+    return [[r] for r in down + stacks] + ([rest] if rest else [])
 
 
 def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> dict:
