@@ -267,3 +267,23 @@ def test_gptq_streams_moe_layer_by_layer_same_tensors_as_in_memory(tmp_path, smo
     assert all(mx.array_equal(a[k], b[k]) for k in a)
     records, _ = read_folder(out)  # the shard headers say what ran
     assert all(records[t.path]["method"] == "gptq" and "gptq per expert" in records[t.path]["note"] for t in experts)
+
+
+def test_experts_the_router_never_chooses_are_rounded(tmp_path, smollm2_float):
+    """DeepSeek-V3's router starts at zero weights, so the tiny model's router ties and
+    sends every token to the same 2 of its 4 experts: the other two have no calibration
+    rows. They are rounded (identity Hessian), not zeroed, and the plan says so."""
+    from test_architectures import MAX_REL_ERROR, family_config
+
+    src = make_tiny_model(tmp_path / "deepseek_v3", family_config("deepseek_v3"), smollm2_float)
+    model, _ = mlx_utils.load_model(src, lazy=True)
+    path = "model.layers.1.mlp.switch_mlp.down_proj"
+    float_weight = dict(model.named_modules())[path].weight.astype(mx.float32)
+    chunks = [list(range(i, i + 64)) for i in range(0, 256, 64)]
+    plan = jang.quantize(model, "JANG_4M", method="gptq", calibration=chunks, progress=False)
+    assert plan[path].method == "gptq" and "2 of 4 experts got no calibration rows (experts 2, 3)" in plan[path].note
+    layer = dict(model.named_modules())[path]
+    deq = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits).astype(mx.float32)
+    for e in (2, 3):
+        rel = (mx.linalg.norm(deq[e] - float_weight[e]) / mx.linalg.norm(float_weight[e])).item()
+        assert rel < MAX_REL_ERROR[layer.bits], rel  # a zeroed expert would be 1.0
