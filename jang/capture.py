@@ -87,6 +87,68 @@ class Recorder(Wrapper):
         return self.inner.as_linear(x)
 
 
+def routed_rows(x: mx.array, indices: mx.array):
+    """The input rows of a switch layer's call, flat (rows, in), and the expert each row
+    goes to (numpy, rows). mlx-lm's SwitchGLU calls its SwitchLinears two ways:
+    unsorted, x (..., 1, 1, in) with indices (..., k) -- every token once per chosen
+    expert, by broadcasting; sorted (many tokens), x (n*k, 1, in) already gathered
+    into expert order with indices (n*k,). Both are gather_mm's rule: x's batch axes
+    broadcast against indices, and each batch element's rows meet expert indices[b]."""
+    batch = tuple(np.broadcast_shapes(x.shape[:-2], indices.shape))
+    per_batch = x.shape[-2]  # matrix rows per batch element (1 from SwitchGLU)
+    rows = mx.broadcast_to(x, batch + x.shape[-2:]).reshape(-1, x.shape[-1])
+    experts = np.repeat(np.asarray(mx.broadcast_to(indices, batch)).reshape(-1), per_batch)
+    return rows, experts
+
+
+class ExpertRecorder(Wrapper):
+    """Stands in for a switch layer (stacked experts, called with routing indices):
+    adds to each expert's own sum of x x^T the rows routed to it, and counts them.
+    stats[path] = ((experts, in, in) numpy float32, (experts,) row counts)."""
+
+    def __init__(self, inner, path: str, stats: dict):
+        super().__init__(inner)
+        object.__setattr__(self, "_where", (path, stats))
+
+    def __call__(self, x, indices, *args, **kwargs):
+        path, stats = self._where
+        rows, experts = routed_rows(x.astype(mx.float32), indices)
+        mx.eval(rows)
+        n_experts, _, n_in = self.inner.weight.shape
+        total, count = stats.get(path, (None, None))
+        if total is None:
+            total, count = np.zeros((n_experts, n_in, n_in), np.float32), np.zeros(n_experts, np.int64)
+        routed = np.bincount(experts, minlength=n_experts)
+        ends = np.cumsum(routed)
+        rows = rows[mx.array(np.argsort(experts, kind="stable"))]  # by expert: each one's rows are one slice
+        for e in np.flatnonzero(routed):
+            add_gram(total[e], rows[int(ends[e] - routed[e]):int(ends[e])])
+        count += routed
+        stats[path] = (total, count)
+        return self.inner(x, indices, *args, **kwargs)
+
+
+def is_expert_stack(module) -> bool:
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    return isinstance(module, SwitchLinear)
+
+
+def takes_gptq(module) -> bool:
+    """Whether GPTQ has a Hessian for the module: a linear layer (one, over all its
+    inputs) or an expert stack (one per expert, over the rows routed to it). An
+    embedding is a lookup: no inputs to weigh its error by."""
+    return isinstance(module, nn.Linear) or is_expert_stack(module)
+
+
+def hessian_recorder(module, path: str, stats: dict) -> Wrapper:
+    """The stand-in that sums x x^T of module's inputs into stats[path] = (sum, rows);
+    for an expert stack both are per expert (ExpertRecorder)."""
+    if is_expert_stack(module):
+        return ExpertRecorder(module, path, stats)
+    return Recorder(module, path, stats, full=True)
+
+
 def input_statistics(model, chunks, paths, full: bool = False) -> dict:
     """path -> mean of x^2 per input column (full=False, MLX) or mean x x^T (full=True, numpy float32)."""
     modules = dict(model.named_modules())

@@ -117,8 +117,8 @@ def convert(model=None, output=None, profile: str = None, *, bits: float = None,
                                  calibration_files=calibration_files)
         return output, summary
     if resume:
-        raise JangError(f"--resume needs a streaming conversion (a named profile with rtn, or gptq on a dense "
-                        f"llama/mistral/qwen model); {method} with {label} runs in memory.")
+        raise JangError(f"--resume needs a streaming conversion (a named profile with rtn, or gptq on a "
+                        f"model type of jang.stream_gptq.GPTQ_STREAM_TYPES); {method} with {label} runs in memory.")
     progress = progress is True
     float_model, config = mlx_utils.load_model(source, lazy=True)
     tokenizer = mlx_utils.load_tokenizer(source)

@@ -7,11 +7,16 @@ from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
 from .allocate import Plan, plan_from_budget, plan_from_profile
+from .capture import takes_gptq
 from .errors import JangError, NonFiniteWeightError
 from .profiles import BUDGETS
 from .layers import quantized_layer
 from .quantizers import QUANTIZERS
 from .roles import quantizable_modules
+
+
+# why a gptq entry ran as mse instead (an embedding: a lookup, no input Hessian)
+GPTQ_FALLBACK_NOTE = "gptq not applied to this tensor (not a linear or expert stack); used mse"
 
 
 def storage_dtype(weight_dtype):
@@ -128,10 +133,10 @@ def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=Tru
         mx.eval(layer.parameters())  # drop the float graph now: bounded memory
         return layer
 
-    for t in todo:  # GPTQ works on a linear layer's input Hessian
-        if t.method == "gptq" and not isinstance(modules[t.path], nn.Linear):
+    for t in todo:  # GPTQ works on a linear layer's (or each expert's) input Hessian
+        if t.method == "gptq" and not takes_gptq(modules[t.path]):
             t.method = "mse"
-            t.note = (t.note + "; " if t.note else "") + "gptq not applied to this tensor (not a linear); used mse"
+            t.note = (t.note + "; " if t.note else "") + GPTQ_FALLBACK_NOTE
     energy = {}
     weighted = [t.path for t in todo if t.method == "mse" and inputs_along_last_axis(modules[t.path])]
     if chunks is not None and weighted:

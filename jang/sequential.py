@@ -12,9 +12,10 @@ L/2 of them (15 for SmolLM2's 30 layers).
 """
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_unflatten
 
-from .capture import Recorder, Wrapper, running_in_float32
+from .capture import Wrapper, hessian_recorder, running_in_float32
 from .quantizers.gptq import gptq
 
 
@@ -69,11 +70,13 @@ def layer_calls(model, chunks, layers, run_inner=True):
 
 
 def hessians(model, chunks, paths, run=None) -> dict:
-    """path -> sum of x x^T of that module's inputs over the chunks; ``run()`` does the
-    forward work (default: the whole model over the chunks)."""
+    """path -> (sum of x x^T of that module's inputs over the chunks, rows summed); for
+    an expert stack, per expert: ((experts, in, in), (experts,)), each expert's sum over
+    the rows routed to it. ``run()`` does the forward work (default: the whole model
+    over the chunks)."""
     modules = dict(model.named_modules())
     stats = {}
-    model.update_modules(tree_unflatten([(p, Recorder(modules[p], p, stats, full=True)) for p in paths]))
+    model.update_modules(tree_unflatten([(p, hessian_recorder(modules[p], p, stats)) for p in paths]))
     try:
         if run is None:
             for ids in chunks:
@@ -82,7 +85,28 @@ def hessians(model, chunks, paths, run=None) -> dict:
             run()
     finally:
         model.update_modules(tree_unflatten([(p, modules[p]) for p in paths]))
-    return {p: total for p, (total, _) in stats.items()}
+    return stats
+
+
+def expert_hessians(entry, hessian: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """An expert stack's Hessians, with the identity for each expert no calibration row
+    was routed to (recorded in entry.note). A zero Hessian would mark all the expert's
+    inputs dead, and GPTQ would zero its weights; the identity weighs every input alike
+    and moves no error between them, so GPTQ rounds each weight to its nearest code
+    (RTN, with GPTQ's min/max groups) -- all one can do without seeing its inputs.
+    Experts that saw few rows keep their own (rank-deficient) Hessian: GPTQ's damping
+    keeps it invertible, but it fits those rows and may do worse than RTN on other
+    text; the note gives the rows per expert against the inputs, to judge by (an
+    expert sees about top-k/experts of the calibration tokens)."""
+    unrouted = np.flatnonzero(rows == 0)
+    hessian[unrouted] = np.eye(hessian.shape[-1], dtype=hessian.dtype)
+    note = (f"gptq per expert, on the calibration rows routed to it "
+            f"({rows.min()}-{rows.max()} rows for {hessian.shape[-1]} inputs)")
+    if unrouted.size:
+        note += (f"; {unrouted.size} of {rows.size} experts got no calibration rows "
+                 f"(experts {', '.join(map(str, unrouted[:8]))}{' ...' if unrouted.size > 8 else ''}): rounded to nearest")
+    entry.note = (entry.note + "; " if entry.note else "") + note
+    return hessian
 
 
 def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=True) -> dict:
@@ -90,7 +114,8 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
     quantized layer, for the caller to swap in. Until then each float module holds its
     dequantized weights -- the same numbers the later layers must see -- so the
     calibration passes run through BLAS rather than MLX's slow CPU quantized matmul.
-    Entries must be linear layers (an embedding or MoE expert stack has no such Hessian here)."""
+    Entries must be linear layers or MoE expert stacks (each expert gets the Hessian of
+    the rows routed to it); an embedding has no input Hessian."""
     from tqdm.auto import tqdm
 
     modules = dict(model.named_modules())
@@ -108,8 +133,11 @@ def run_gptq(model, entries, chunks, quantize_entry, progress=True, act_order=Tr
         for path in paths:
             module = modules[path]
             module.weight = module.weight.astype(dtypes[path])  # its dtype decides the scales' dtype
+            hess, rows = h.pop(path)
+            if np.ndim(rows):  # an expert stack
+                hess = expert_hessians(linear[path], hess, rows)
             # each Hessian is used once: GPTQ may factor it in place (as jang.stream_gptq does)
-            layer = quantize_entry(linear[path], lambda w, bits, group, hess=h.pop(path): gptq(
+            layer = quantize_entry(linear[path], lambda w, bits, group, hess=hess: gptq(
                 w, hess, bits, group, act_order=act_order, overwrite_hessian=True))
             # what the later layers must see: the dequantized weights, as stored, in fp32
             module.weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size,

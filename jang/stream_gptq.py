@@ -16,7 +16,8 @@ Memory: besides the interpreter and MLX, one layer's weights in fp32 (twice the
 bf16 source), the two activation streams, and the Hessians of one calibration pass.
 The down projection's Hessian (widest input) is measured and solved in a pass of its
 own, so it never coexists with the others'; GPTQ factors each Hessian in place and
-frees it (jang.quantizers.gptq).
+frees it (jang.quantizers.gptq). An MoE expert stack has one Hessian per expert
+(experts x in x in), measured in a pass of its own too.
 
 Only model types whose LanguageModel is embed -> layers(x, *args) -> norm -> head
 stream (each layer's own arguments are recorded: Gemma 3 gives sliding-window and
@@ -33,11 +34,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .capture import Recorder, add_gram
-from .quantize import check_finite, storage_dtype
+from .capture import add_gram, hessian_recorder, takes_gptq
+from .quantize import GPTQ_FALLBACK_NOTE, check_finite, storage_dtype
 from .quantizers import QUANTIZERS
 from .quantizers.gptq import gptq
-from .sequential import decoder_layers, layer_calls
+from .roles import classify
+from .sequential import decoder_layers, expert_hessians, layer_calls
 
 try:
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -46,7 +48,8 @@ except (OSError, AttributeError, TypeError):
     _LIBC = None
 
 # mlx-lm model types whose LanguageModel is embed -> layers(x, ...) -> norm -> head.
-GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# The MoE ones quantize each expert on the rows routed to it (jang.capture.ExpertRecorder).
+GPTQ_STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral")
 
 
 class _Rows(nn.Module):
@@ -120,9 +123,14 @@ def _passes(rel: list) -> list:
     one calibration pass each. The MLP's down projection has the widest input (8192 where
     the others have 2048: a 268 MB Hessian in fp32) and its output feeds no other linear
     of the layer, so it is measured and quantized first, on its own: the others'
-    Hessians, measured after, are the same numbers, and never coexist with its own."""
-    down = [r for r in rel if r.endswith("mlp.down_proj")]
-    return [g for g in (down, [r for r in rel if r not in down]) if g]
+    Hessians, measured after, are the same numbers, and never coexist with its own.
+    Each MoE expert stack gets a pass of its own too, after the down projections: it
+    has one Hessian per expert (Qwen3-30B-A3B's gate or up: 128 x 2048^2 in fp32,
+    2 GiB), and a layer forward costs little beside solving 128 experts."""
+    down = [r for r in rel if r.endswith("mlp.down_proj") or classify(r) == "expert_down"]
+    stacks = [r for r in rel if classify(r).startswith("expert_") and r not in down]
+    rest = [r for r in rel if r not in down and r not in stacks]
+    return [[r] for r in down + stacks] + ([rest] if rest else [])
 
 
 def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> dict:
@@ -132,7 +140,7 @@ def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> 
     _trim()
     inner = dict(layer.named_modules())
     stats = {}
-    layer.update_modules(tree_unflatten([(r, Recorder(inner[r], prefix + r, stats, full=True)) for r in rel]))
+    layer.update_modules(tree_unflatten([(r, hessian_recorder(inner[r], prefix + r, stats)) for r in rel]))
     for x, (a, k) in zip(xs, layer_args):
         mx.eval(layer(x, *a, **k))
     layer.update_modules(tree_unflatten([(r, inner[r]) for r in rel]))
@@ -142,7 +150,9 @@ def _gptq_pass(layer, prefix, rel, entries, xs, layer_args, dtype, progress) -> 
         source = module.weight.astype(dtype)  # the source values (fp32 holds them exactly)
         mx.eval(source)
         module.weight = mx.zeros((1,))  # the fp32 copy is not needed while GPTQ works
-        hess = stats.pop(path)[0]
+        hess, rows = stats.pop(path)
+        if np.ndim(rows):  # an expert stack: one Hessian per expert
+            hess = expert_hessians(entries[path], hess, rows)
         wq, scales, biases = _quantize(source, entries[path], lambda w, b, g, h=hess: gptq(
             w, h, b, g, act_order=True, overwrite_hessian=True))
         del hess, source
@@ -201,10 +211,10 @@ def gptq_stage(model, fresh_weights, plan, chunks, spill_dir, progress=None) -> 
 def _stage(model, fresh_weights, plan, chunks, spill_dir, progress):
     todo = [t for t in plan if t.quantized and t.method == "gptq"]
     modules = dict(model.named_modules())
-    for t in todo:  # as jang.quantize.apply_plan: GPTQ needs a linear
-        if not isinstance(modules[t.path], nn.Linear):
+    for t in todo:  # as jang.quantize.apply_plan: GPTQ needs a linear or an expert stack
+        if not takes_gptq(modules[t.path]):
             t.method = "mse"
-            t.note = (t.note + "; " if t.note else "") + "gptq not applied to this tensor (not a linear); used mse"
+            t.note = (t.note + "; " if t.note else "") + GPTQ_FALLBACK_NOTE
     entries = {t.path: t for t in todo}
     shutil.rmtree(spill_dir, ignore_errors=True)
     lm = model.model
