@@ -93,7 +93,7 @@ def expert_hessians(entry, hessian: np.ndarray, rows: np.ndarray) -> np.ndarray:
     was routed to (recorded in entry.note). A zero Hessian would mark all the expert's
     inputs dead, and GPTQ would zero its weights; the identity weighs every input alike
     and moves no error between them, so GPTQ rounds each weight to its nearest code
-    (RTN, with GPTQ's min/max groups) -- all one can do without seeing its inputs.
+    (RTN on GPTQ's group grid) -- all one can do without seeing its inputs.
     Experts that saw few rows keep their own (rank-deficient) Hessian: GPTQ's damping
     keeps it invertible, but it fits those rows and may do worse than RTN on other
     text; the note gives the rows per expert against the inputs, to judge by (an
