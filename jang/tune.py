@@ -28,7 +28,7 @@ from .capture import running_in_float32
 # recomputed for every batch: SmolLM2's 32 calibration chunks x 128 tokens x 49k vocab
 # are 0.8 GB; Gemma's 262k vocab would be 4.3 GB, so Gemma recomputes.
 CACHE_BYTES = 1.2e9
-DEFAULT_LR = 1e-4  # placeholder until measured
+DEFAULT_LR = 1e-4  # SmolLM2 at 2.5 bits, 40 steps: 3e-4 and 5e-5 both ended worse (docs/quality.md)
 
 
 class _Dequantized(nn.Module):
@@ -66,13 +66,23 @@ class _DequantizedEmbedding(_Dequantized):
         return x @ self.dense().T
 
 
-def tunable_layers(model):
-    """(path, layer) of the quantized linears and embeddings whose scales and biases can
-    be tuned: affine mode with biases, below 8 bits (8-bit groups gain little). MoE
-    expert stacks and MLA's per-head matrices are left as they are."""
+def quantized_layers(model):
+    """(path, layer) of the quantized linears and embeddings in affine mode with biases:
+    all of them run as stand-ins while tuning (any left out would run MLX's CPU quantized
+    matmul in the training passes: SmolLM2 JANG_2M with its 8-bit layers left out took
+    17 s a step of 128 tokens). MoE expert stacks and MLA's per-head matrices are not
+    covered."""
     return [(p, m) for p, m in model.named_modules()
             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-            and m.mode == "affine" and m.get("biases") is not None and m.bits < 8]
+            and m.mode == "affine" and m.get("biases") is not None]
+
+
+def tunable_layers(model):
+    """The quantized layers whose scales and biases are tuned: below 8 bits. An 8-bit
+    scale is ~1/64 of a 2-bit one, so a learning rate right for 2-4 bits moves it by
+    most of itself each step (measured: SmolLM2 JANG_2M, KL 3.3 -> 22.8 in 4 steps
+    with its 8-bit layers trained); 8-bit groups have little error to recover anyway."""
+    return [(p, m) for p, m in quantized_layers(model) if m.bits < 8]
 
 
 @contextmanager
@@ -124,7 +134,7 @@ def batches(n_chunks: int, batch_size: int, steps: int, seed: int):
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
-def tune(model, teacher, chunks, steps: int = 100, lr: float = 1e-4, batch_size: int = 4, seed: int = 0,
+def tune(model, teacher, chunks, steps: int = 40, lr: float = DEFAULT_LR, batch_size: int = 2, seed: int = 0,
          progress: bool = True, cache_bytes: float = CACHE_BYTES) -> dict:
     """Tune the scales and biases of ``model``'s quantized layers, in place, so that its
     next-token distribution matches ``teacher`` (the float model) on ``chunks`` (lists
@@ -132,8 +142,9 @@ def tune(model, teacher, chunks, steps: int = 100, lr: float = 1e-4, batch_size:
     every other parameter stay as they are. Returns stats: the loss (mean KL on the
     batch) at the first step and averaged over the last tenth of the steps, time, peak
     memory and the settings."""
-    layers = tunable_layers(model)
-    if not layers or steps <= 0:
+    layers = quantized_layers(model)
+    trained = {p for p, _ in tunable_layers(model)}
+    if not trained or steps <= 0:
         return {"steps": 0, "tensors": 0}
     lengths = {len(c) for c in chunks}
     if len(lengths) != 1:
@@ -146,6 +157,7 @@ def tune(model, teacher, chunks, steps: int = 100, lr: float = 1e-4, batch_size:
     with running_in_float32(model), stand_ins(model, layers) as subs:
         # the trainable numbers as their own tree: nothing else of the model is touched,
         # not even its frozen/trainable flags
+        subs = [s for (p, _), s in zip(layers, subs) if p in trained]
         params = {str(i): {"scales": s.scales, "biases": s.biases} for i, s in enumerate(subs)}
         trainable = sum(v.size for p in params.values() for v in p.values())
         optimizer = optim.Adam(learning_rate=optim.cosine_decay(lr, steps, lr / 20))
@@ -171,6 +183,6 @@ def tune(model, teacher, chunks, steps: int = 100, lr: float = 1e-4, batch_size:
         put(params)
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "lr": lr, "batch_size": len(plan[0]), "seed": seed, "chunks": len(chunks),
-            "chunk_tokens": len(chunks[0]), "tensors": len(layers), "trainable": trainable,
+            "chunk_tokens": len(chunks[0]), "tensors": len(trained), "trainable": trainable,
             "kl_first": losses[0], "kl_last": sum(tail) / len(tail), "seconds": time.perf_counter() - t0,
             "mlx_peak_gb": mx.get_peak_memory() / 1e9}

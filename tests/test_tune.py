@@ -49,7 +49,7 @@ def test_tuning_lowers_heldout_kl(tuned):
     before = heldout_kl(for_evaluation(copy.deepcopy(untuned)), ref, held_out)
     after = heldout_kl(for_evaluation(copy.deepcopy(model)), ref, held_out)
     assert stats["steps"] == STEPS and stats["kl_last"] < stats["kl_first"]
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.9 * before, (before, after, stats)
 
 
 def test_only_scales_and_biases_change(tuned):
@@ -84,3 +84,21 @@ def test_tuned_model_saves_and_reloads(tuned, tmp_path, smollm2_float):
         assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]), k
     x = mx.array([tokenizer.encode("It is a truth universally acknowledged")])
     assert mx.array_equal(model(x), loaded(x))
+
+
+def test_bench_tune_rows_pair_with_the_same_mlx_option(tiny_llama, tmp_path, monkeypatch):
+    """jang bench quality --tune N: each matched JANG row again, tuned, beside the same mlx-lm row."""
+    from jang import bench
+
+    monkeypatch.setenv("JANG_CACHE", str(tmp_path / "cache"))  # a throwaway model's sensitivity table
+    result = bench.run_quality(tiny_llama, methods=(), budgets=(), dynamic=(), mlx_gptq=(), mlx_awq=(),
+                               mlx_options=("uniform2",), eval_tokens=256, degeneration=("uniform2",),
+                               max_tokens=4, calibration=4, tune=(2,))
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["mlx-lm uniform 2-bit", "JANG mse @ uniform 2-bit", "JANG mse @ uniform 2-bit + tune 2"]
+    tuned_row = result["rows"][2]
+    assert tuned_row["tuned_to"] == "uniform2" and tuned_row["tuning"]["steps"] == 2
+    assert tuned_row["avg_bits"] == result["rows"][1]["avg_bits"]  # tuning never changes the size
+    assert [p["jang"] for p in result["degeneration"]] == names[1:]
+    assert [m["jang_bits"] for m in result["matched"]] == [result["rows"][1]["avg_bits"]]  # untuned row only
+    assert "JANG mse @ uniform 2-bit + tune 2" in bench.markdown(result)
