@@ -36,6 +36,7 @@ class Plan:
     profile: Optional[str] = None
     method: str = "rtn"
     group_size: int = 64
+    tuning: Optional[dict] = None  # jang.tune's stats, when the scales and biases were tuned
 
     def __iter__(self):
         return iter(self.tensors.values())
@@ -51,6 +52,7 @@ class Plan:
             "profile": self.profile,
             "method": self.method,
             "group_size": self.group_size,
+            **({"tuning": self.tuning} if self.tuning else {}),
             "tensors": {p: asdict(t) for p, t in self.tensors.items()},
         }
 
@@ -60,7 +62,7 @@ class Plan:
             p: TensorPlan(**{**t, "shape": tuple(t["shape"])})
             for p, t in d["tensors"].items()
         }
-        return cls(tensors, d.get("profile"), d.get("method", "rtn"), d.get("group_size", 64))
+        return cls(tensors, d.get("profile"), d.get("method", "rtn"), d.get("group_size", 64), d.get("tuning"))
 
 
 def choose_group_size(in_dims: int, preferred: int) -> Optional[int]:

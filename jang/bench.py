@@ -230,8 +230,8 @@ class Bench:
     def run(self, name, family, method, quantize_fn, generate=False, **extra) -> dict:
         model, config = self.fresh()
         with Meter() as meter:
-            quantize_fn(model, config)
-        row = {"name": name, "family": family, "method": method, **extra,
+            info = quantize_fn(model, config)  # a dict of fields for the row, or None
+        row = {"name": name, "family": family, "method": method, **extra, **(info or {}),
                "avg_bits": measured_avg_bits(model), **meter.as_dict(), **self.score(model)}
         if generate:
             row["degeneration"] = self.generations(model)
@@ -242,11 +242,14 @@ class Bench:
             self.on_row()
         return row
 
-    def jang(self, name, generate=False, matched_to=None, **kw):
+    def jang(self, name, generate=False, matched_to=None, tuned_to=None, **kw):
+        """One JANG row. matched_to: the mlx-lm option id whose size it was converted to;
+        tuned_to: the same, for a row whose scales and biases were also tuned (tune=N)."""
         def fn(model, config):
-            quantize(model, tokenizer=self.tokenizer, calibration=self.calibration, source=self.source,
-                     progress=self.progress, **kw)
-        extra = {"matched_to": matched_to} if matched_to else {}
+            plan = quantize(model, tokenizer=self.tokenizer, calibration=self.calibration, source=self.source,
+                            progress=self.progress, **kw)
+            return {"tuning": plan.tuning} if plan.tuning else None
+        extra = {k: v for k, v in (("matched_to", matched_to), ("tuned_to", tuned_to)) if v}
         return self.run(name, "jang", kw.get("method", "rtn"), fn, generate, **extra)
 
     def mlx(self, option_id, name, fn, generate=False):
@@ -303,12 +306,10 @@ def degeneration_pairs(rows, examples: int = 4, reference=None) -> list:
     ``examples`` prompts' outputs side by side with the flags they raised (the first
     ones, not picked ones), the float model's answer beside them when ``reference`` is given."""
     ref_outputs = reference["outputs"] if reference else []
-    jang = {r["matched_to"]: r for r in rows if r.get("matched_to") and "degeneration" in r}
+    generated = [r for r in rows if "degeneration" in r]
     pairs = []
-    for m in rows:
-        j = jang.get(m.get("id")) if m["family"] == "mlx-lm" and "degeneration" in m else None
-        if j is None:
-            continue
+    for m, j in ((m, j) for m in generated if m["family"] == "mlx-lm" for j in generated
+                 if m.get("id") in (j.get("matched_to"), j.get("tuned_to"))):
         md, jd = m["degeneration"], j["degeneration"]
         pairs.append({
             "mlx": m["name"], "jang": j["name"], "bits": m["avg_bits"], "jang_bits": j["avg_bits"],
@@ -337,9 +338,10 @@ def matched_table(rows) -> list:
 def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profiles=(), dynamic=(3.0,),
                 matched_method="mse", eval_tokens=2048, mlx_gptq=(4,), mlx_awq=(),
                 degeneration=DEGENERATION_OPTIONS, max_tokens=80, mlx_options=DEFAULT_MLX_OPTIONS, command=None,
-                on_result=None, calibration=32):
+                on_result=None, calibration=32, tune=(), tune_lr=None):
     """The whole comparison; ``on_result(result)`` is called after every row with the
-    result so far, so a run stopped early still leaves a report."""
+    result so far, so a run stopped early still leaves a report. ``tune``: for each N,
+    every matched JANG row again with its scales and biases tuned for N steps (jang.tune)."""
     result = {"model": str(source), "eval_book": EVAL_BOOK, "eval_tokens": eval_tokens, "command": command,
               "calibration": f"{calibration} chunks x 128 tokens of four Austen novels", "max_tokens": max_tokens}
 
@@ -368,6 +370,10 @@ def run_quality(source, methods=("rtn", "mse", "gptq"), budgets=BUDGETS, profile
         if row is not None:
             bench.jang(f"JANG {matched_method} @ {name[7:]}", generate=option_id in degeneration,
                        matched_to=option_id, bits=row["avg_bits"], method=matched_method)
+            for steps in tune:
+                bench.jang(f"JANG {matched_method} @ {name[7:]} + tune {steps}", generate=option_id in degeneration,
+                           tuned_to=option_id, bits=row["avg_bits"], method=matched_method, tune=steps,
+                           tune_lr=tune_lr)
     for profile in profiles:
         bench.jang(f"JANG {profile} (rtn)", profile=profile)
     publish()
@@ -466,11 +472,11 @@ def degeneration_markdown(result: dict) -> list:
                           f"{cal['shuffled_nll']:.2f} with their words shuffled; the threshold is the midpoint.")
     pct = lambda x: "-" if x is None else f"{x:.0%}"
     lines += ["", "| mlx-lm option | bits | mlx-lm flagged | salad | beyond float | score | "
-                  "JANG bits | JANG flagged | salad | beyond float | score |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "JANG row | JANG bits | JANG flagged | salad | beyond float | score |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in pairs:
         lines.append(f"| {p['mlx']} | {p['bits']:.3f} | {p['mlx_fraction']:.0%} | {pct(p.get('mlx_salad'))} | "
-                     f"{pct(p.get('mlx_beyond'))} | {p['mlx_score']:.2f} | {p['jang_bits']:.3f} | "
+                     f"{pct(p.get('mlx_beyond'))} | {p['mlx_score']:.2f} | {p['jang']} | {p['jang_bits']:.3f} | "
                      f"{p['jang_fraction']:.0%} | {pct(p.get('jang_salad'))} | {pct(p.get('jang_beyond'))} | "
                      f"{p['jang_score']:.2f} |")
     for p in pairs:

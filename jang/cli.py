@@ -34,7 +34,8 @@ def cmd_convert(args):
     shard = int(args.max_shard_gb * 1e9) if args.max_shard_gb else None
     output, summary = convert(args.model, args.output, args.profile, bits=args.bits, method=args.method,
                               group_size=args.group_size, force=args.force, calibration_files=args.calibration,
-                              resume=args.resume, progress=progress, max_shard_bytes=shard)
+                              resume=args.resume, progress=progress, max_shard_bytes=shard,
+                              tune=args.tune, tune_lr=args.tune_lr)
     print(f"wrote {output}  (profile {summary['profile']}, method {summary['method']})")
     print(role_table(summary))
 
@@ -111,7 +112,7 @@ def cmd_bench_quality(args):
     run_quality(source, methods=args.methods, budgets=args.budgets, profiles=args.profiles, dynamic=args.dynamic,
                 matched_method=args.matched_method, eval_tokens=args.eval_tokens, mlx_gptq=args.mlx_gptq,
                 mlx_awq=args.mlx_awq, max_tokens=args.max_tokens, command=command, on_result=write,
-                calibration=args.calibration_chunks,
+                calibration=args.calibration_chunks, tune=args.tune, tune_lr=args.tune_lr,
                 **({} if args.degeneration is None else {"degeneration": args.degeneration}),
                 **({} if args.mlx_options is None else {"mlx_options": args.mlx_options}))
     print(f"wrote {args.docs}/quality-{name}.md, .json, .png")
@@ -170,6 +171,10 @@ def build_parser():
                         "output byte-identical to an uninterrupted run)")
     p.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                    help="bar: tensors, GB, rate, ETA; json: one JSON object per line on stderr, for tools")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="after quantizing, tune the scales and biases (codes fixed) for N steps toward the float "
+                        "model's outputs on the calibration text (jang.tune; 0: off); runs in memory")
+    p.add_argument("--tune-lr", type=float, default=None, help="learning rate for --tune (default: jang.tune's)")
     p.add_argument("--max-shard-gb", type=float, default=None, help="output shard size (default ~5.4 GB)")
     p.set_defaults(func=cmd_convert)
 
@@ -233,6 +238,9 @@ def build_parser():
     q.add_argument("--eval-tokens", type=int, default=2048)
     q.add_argument("--calibration-chunks", type=int, default=32,
                    help="calibration chunks of 128 tokens, for JANG and mlx-lm's calibrated methods alike")
+    q.add_argument("--tune", nargs="*", type=int, default=[], metavar="N",
+                   help="also each matched JANG row with its scales and biases tuned for N steps (jang.tune)")
+    q.add_argument("--tune-lr", type=float, default=None, help="learning rate for --tune (default: jang.tune's)")
     q.set_defaults(func=cmd_bench_quality)
     k = bench.add_parser("kernels", help="JANG's fused GPU kernels vs MLX's ops: time, GB/s, share of bandwidth",
                          description="Needs a GPU backend (CUDA or Metal). Writes docs/NAME.md and .json.")

@@ -91,13 +91,15 @@ def streams(method: str, source: Path) -> bool:
 
 def convert(model=None, output=None, profile: str = None, *, bits: float = None, method: str = "rtn",
             group_size: int = 64, force: bool = False, progress=True, calibration_files=None,
-            resume: bool = False, max_shard_bytes: int = None):
+            resume: bool = False, max_shard_bytes: int = None, tune: int = 0, tune_lr: float = None):
     """Convert a Hugging Face folder / hub id / GGUF file (default: SmolLM2-135M) to a
     JANG folder, with a named profile, a budget profile (JANG_3K) or ``bits``.
 
     A named profile with rtn streams (jang.stream): memory stays at about one tensor
     whatever the model's size, and ``resume=True`` continues a killed run from its last
     completed shard. progress: True (bar), False, or "json" (JSON lines on stderr).
+    tune: steps of tuning the scales and biases toward the float model (jang.tune; 0:
+    off); it needs the whole model in memory, so it never streams.
     Returns (output path, jang_config summary)."""
     from .calibration import calibration_chunks
     from .profiles import BUDGETS, get_profile
@@ -105,10 +107,10 @@ def convert(model=None, output=None, profile: str = None, *, bits: float = None,
     if bits is None:
         profile = (profile or "JANG_2M").upper()
         profile = profile if profile in BUDGETS else get_profile(profile).name  # fail fast on a bad name
-    label = profile if bits is None else f"{bits:g}bit"
+    label = (profile if bits is None else f"{bits:g}bit") + (f"-tune{tune}" if tune else "")
     output = check_output(output or f"{Path(str(model or DEFAULT_MODEL)).stem}-{label}-{method}", force)
     source = resolve_source(model)
-    if bits is None and profile not in BUDGETS and streams(method, source):
+    if bits is None and profile not in BUDGETS and streams(method, source) and not tune:
         from .stream import stream_convert
 
         summary = stream_convert(source, output, profile, method=method, group_size=group_size, force=force,
@@ -124,7 +126,7 @@ def convert(model=None, output=None, profile: str = None, *, bits: float = None,
     tokenizer = mlx_utils.load_tokenizer(source)
     calibration = calibration_chunks(tokenizer, text_files=calibration_files) if calibration_files else None
     plan = quantize(float_model, profile, bits=bits, method=method, group_size=group_size, tokenizer=tokenizer,
-                    calibration=calibration, source=source, progress=progress)
+                    calibration=calibration, source=source, progress=progress, tune=tune, tune_lr=tune_lr)
     summary = save(float_model, tokenizer, output, config, plan, force=force,
                    source=model or DEFAULT_MODEL, copy_from=source)
     return output, summary

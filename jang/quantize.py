@@ -83,7 +83,7 @@ def budget_plan(model, bits, tokenizer, method, calibration=None, source=None, p
 
 def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str = "rtn",
              group_size: int = 64, tokenizer=None, calibration=None, source=None,
-             progress: bool = True) -> Plan:
+             progress: bool = True, tune: int = 0, tune_lr: float = None) -> Plan:
     """Quantize ``model`` in place and return the per-tensor plan it followed.
 
     profile: a named profile ("JANG_3M"), a budget profile ("JANG_3K" = the size of
@@ -93,6 +93,10 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
     (uses activation statistics when a tokenizer is given) or "gptq" (needs one).
     Tensors a plan leaves float (routers, norms, tensors no group size fits) are
     left untouched. The plan is also kept as ``model.jang_plan``.
+
+    tune: after quantizing, this many steps of tuning the scales and biases (codes
+    fixed) toward the float model's outputs on the calibration text (jang.tune; 0:
+    off); tune_lr its learning rate. What was done is recorded as ``plan.tuning``.
     """
     if method not in QUANTIZERS:
         raise JangError(f"Unknown method {method!r}. Valid methods: {', '.join(QUANTIZERS)}.")
@@ -105,7 +109,25 @@ def quantize(model: nn.Module, profile=None, *, bits: float = None, method: str 
         plan = profile
     else:
         plan = plan_from_profile(model, profile or "JANG_4M", method, group_size)
-    return apply_plan(model, plan, tokenizer=tokenizer, calibration=calibration, progress=progress)
+    if not tune:
+        return apply_plan(model, plan, tokenizer=tokenizer, calibration=calibration, progress=progress)
+    if tokenizer is None and calibration is None:
+        raise JangError("tuning needs calibration text: pass tokenizer= (or calibration= token chunks).")
+    import copy
+
+    from .calibration import calibration_chunks
+    from .evaluate import for_evaluation
+    from .tune import DEFAULT_LR, tune as tune_model
+
+    chunks = calibration if calibration is not None else calibration_chunks(tokenizer)
+    teacher = for_evaluation(copy.deepcopy(model))  # the float model, fp32, before it is quantized
+    apply_plan(model, plan, tokenizer=tokenizer, calibration=chunks, progress=progress)
+    plan.tuning = tune_model(model, teacher, chunks, steps=tune, lr=tune_lr or DEFAULT_LR, progress=progress)
+    del teacher
+    for t in plan:
+        if t.quantized:
+            t.note = (t.note + "; " if t.note else "") + f"scales/biases tuned ({tune} steps)"
+    return plan
 
 
 def apply_plan(model, plan: Plan, tokenizer=None, calibration=None, progress=True) -> Plan:
