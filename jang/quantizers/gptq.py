@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cholesky import factor_damped, permute_symmetric
-from .mse import SHRINKS
+from .mse import SHRINKS, least_error
 from .pack import pack
 
 ROW_BLOCK_VALUES = 1 << 21  # fp32 working weights per block of output rows (8 MB)
@@ -201,23 +201,13 @@ def _group_params(groups: np.ndarray, bits: int, dtype, energy=None):
     (mse.SHRINKS) with the least energy-weighted rounding error."""
     lo, hi = groups.min(axis=-2), groups.max(axis=-2)
     levels = 2**bits - 1
-    best_s, best_b = _as_stored((hi - lo) / levels, dtype), _as_stored(lo, dtype)
+    min_max = _as_stored((hi - lo) / levels, dtype), _as_stored(lo, dtype)
     if energy is None:
-        return best_s, best_b
-    weight = energy[..., :, None]
-
-    def error(s, b):
-        q = np.clip(np.rint((groups - b[..., None, :]) / np.where(s == 0, 1.0, s)[..., None, :]), 0, levels)
-        return ((q * s[..., None, :] + b[..., None, :] - groups) ** 2 * weight).sum(axis=-2)
-
-    best = error(best_s, best_b)
+        return min_max
     mid = (lo + hi) / 2
-    for alpha in SHRINKS[1:]:
-        s, b = _as_stored((hi - lo) * alpha / levels, dtype), _as_stored(mid + (lo - mid) * alpha, dtype)
-        err = error(s, b)
-        better = err < best
-        best, best_s, best_b = np.where(better, err, best), np.where(better, s, best_s), np.where(better, b, best_b)
-    return best_s, best_b
+    shrunk = [(_as_stored((hi - lo) * alpha / levels, dtype), _as_stored(mid + (lo - mid) * alpha, dtype))
+              for alpha in SHRINKS[1:]]
+    return least_error(groups, energy[..., :, None], [min_max, *shrunk], levels, axis=-2)
 
 
 def _as_stored(x, dtype):

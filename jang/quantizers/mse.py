@@ -41,23 +41,32 @@ def _quantize_block(weight: mx.array, bits: int, group_size: int, act_energy=Non
     lo, hi = g.min(-1), g.max(-1)
     mid = (lo + hi) / 2
     levels = 2**bits - 1
-    best_err = np.full(lo.shape, np.inf, np.float32)
-    best_s, best_b = np.zeros_like(lo), np.zeros_like(lo)
     _, rtn_s, rtn_b = mx.quantize(weight, group_size=group_size, bits=bits)
     candidates = [(_np(rtn_s).reshape(lo.shape), _np(rtn_b).reshape(lo.shape))]  # MLX's own RTN
     for alpha in SHRINKS:
         a, b_hi = mid + (lo - mid) * alpha, mid + (hi - mid) * alpha
         candidates.append((_as_stored((b_hi - a) / levels, dtype), _as_stored(a, dtype)))
-    for s, bias in candidates:
-        safe = np.where(s == 0, 1.0, s)
-        q = np.clip(np.rint((g - bias[..., None]) / safe[..., None]), 0, levels)
-        err = (((q * s[..., None] + bias[..., None]) - g) ** 2 * energy).sum(-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_s, best_b = np.where(better, s, best_s), np.where(better, bias, best_b)
+    best_s, best_b = least_error(g, energy, candidates, levels, axis=-1)
     scales = mx.array(best_s.reshape(*lead, n // group_size)).astype(dtype)
     biases = mx.array(best_b.reshape(*lead, n // group_size)).astype(dtype)
     return affine(w, scales, biases, bits, group_size)
+
+
+def least_error(groups, weight, candidates, levels: int, axis: int):
+    """Per group, the (scale, bias) among ``candidates`` whose rounding of ``groups`` (a
+    group's weights along ``axis``) has the least ``weight``-ed squared error; the
+    earliest candidate wins a tie. Shared by mse and GPTQ's searched group ranges."""
+    lead = lambda a: np.expand_dims(a, axis)  # noqa: E731 - a group's value beside its weights
+    best_err = best_s = best_b = None
+    for s, bias in candidates:
+        q = np.clip(np.rint((groups - lead(bias)) / lead(np.where(s == 0, 1.0, s))), 0, levels)
+        err = ((q * lead(s) + lead(bias) - groups) ** 2 * weight).sum(axis)
+        if best_err is None:
+            best_err, best_s, best_b = np.full(err.shape, np.inf, np.float32), np.zeros_like(s), np.zeros_like(bias)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s, best_b = np.where(better, s, best_s), np.where(better, bias, best_b)
+    return best_s, best_b
 
 
 def _np(a):
