@@ -235,8 +235,11 @@ class _CompiledDecode:
         if (x.shape[1] != 1 or mask is not None or type(cache) is not KVCache
                 or not kernels.route("compiled_decode")):
             return super().__call__(x, mask, cache)
-        pre, post = self.__dict__.get("_jang_decode") or self.__dict__.setdefault(
-            "_jang_decode", (mx.compile(self._jang_pre), mx.compile(self._jang_post)))
+        compiled = self.__dict__.get("_jang_decode")
+        if compiled is None:
+            kernels.prepare_rope(getattr(self.self_attn, "rope", None))  # before the trace: see prepare_rope
+            compiled = self.__dict__["_jang_decode"] = (mx.compile(self._jang_pre), mx.compile(self._jang_post))
+        pre, post = compiled
         q, k, v = pre(x, _offset_array(cache.offset))
         k, v = cache.update_and_fetch(k, v)
         attn = self.self_attn

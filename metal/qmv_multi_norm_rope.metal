@@ -98,30 +98,22 @@ const device T* S = scales;
 const device T* B = biases;
 device T* O = out;
 int N = w_shape[0];
-#ifdef JG_ROPE
 bool rotate = false;
-#endif
-#ifdef JG_MULTI
 {
 const int b0 = N / (WARPS * R), b1 = w1_shape[0] / (WARPS * R);
 if (blk >= b0 + b1) { blk -= b0 + b1; W = w2; S = scales2; B = biases2; O = out2; N = w2_shape[0]; }
 else {
 if (blk >= b0) { blk -= b0; W = w1; S = scales1; B = biases1; O = out1; N = w1_shape[0]; }
-#ifdef JG_ROPE
 rotate = true;
-#endif
 }
 }
-#endif
 int row0 = (blk * WARPS + int(simdgroup_index_in_threadgroup)) * R;
 int rs = 1;
-#ifdef JG_ROPE
 if (rotate && !TRADITIONAL) {
 const int pair = blk * WARPS + int(simdgroup_index_in_threadgroup);
 row0 = (pair / (D / 2)) * D + pair % (D / 2);
 rs = D / 2;
 }
-#endif
 const int m0 = int(threadgroup_position_in_grid.y) * MT;
 const int lane = int(thread_index_in_simdgroup);
 float acc[MT][R];
@@ -129,11 +121,9 @@ float acc[MT][R];
 for (int m = 0; m < MT; m++)
 #pragma unroll
 for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-#ifdef JG_NORM
 float ss[MT];
 #pragma unroll
 for (int m = 0; m < MT; m++) ss[m] = 0.0f;
-#endif
 for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
 uint32_t wq[U][R][BITS];
 float sc[U][R], bi[U][R];
@@ -152,11 +142,9 @@ jg_fold<BITS>(static_cast<float>(S[g]), static_cast<float>(B[g]), sc[u][r], bi[u
 for (int u = 0; u < U; u++) {
 if (c0 + 32 * u >= chunks) break;
 const int c = c0 + 32 * u;
-#ifdef JG_NORM
 float nw[32];
 #pragma unroll
 for (int j = 0; j < 4; j++) jg_load8(norm_w + c * 32 + 8 * j, nw + 8 * j);
-#endif
 #pragma unroll
 for (int m = 0; m < MT; m++) {
 const device T* xp = x + min(m0 + m, M - 1) * K + c * 32;
@@ -164,10 +152,8 @@ float xv[32];
 float s0 = 0.0f;
 #pragma unroll
 for (int j = 0; j < 4; j++) jg_load8(xp + 8 * j, xv + 8 * j);
-#ifdef JG_NORM
 #pragma unroll
 for (int i = 0; i < 32; i++) { ss[m] += xv[i] * xv[i]; xv[i] *= nw[i]; }
-#endif
 #pragma unroll
 for (int i = 0; i < 32; i++) s0 += xv[i];
 #pragma unroll
@@ -184,15 +170,10 @@ acc[m][r] += sc[u][r] * s1 + bi[u][r] * s0;
 }
 #pragma unroll
 for (int m = 0; m < MT; m++) {
-#ifdef JG_NORM
 const float scale = jg_rsqrt(jg_warp_sum(ss[m]) / float(K) + eps[0]);
-#else
-const float scale = 1.0f;
-#endif
 float v[R];
 #pragma unroll
 for (int r = 0; r < R; r++) v[r] = jg_warp_sum(acc[m][r]) * scale;
-#ifdef JG_ROPE
 if (rotate) {
 const float a = static_cast<float>(static_cast<T>(v[0])), b = static_cast<float>(static_cast<T>(v[1]));
 const float theta = static_cast<float>(offset[0]) * inv_freq[(row0 % D) / (TRADITIONAL ? 2 : 1)];
@@ -200,16 +181,12 @@ const float cs = jg_cos(theta), sn = jg_sin(theta);
 v[0] = a * cs - b * sn;
 v[1] = a * sn + b * cs;
 }
-#endif
 #pragma unroll
 for (int r = 0; r < R; r++) {
 const int n = row0 + r * rs;
 if (lane == 0 && m0 + m < M && n < N) {
 const int o = (m0 + m) * N + n;
 float y = v[r];
-#ifdef JG_RESID
-y = static_cast<float>(resid[o]) + static_cast<float>(static_cast<T>(y));
-#endif
 O[o] = static_cast<T>(y);
 }
 }

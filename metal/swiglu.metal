@@ -4,7 +4,6 @@ using namespace metal;
 inline float jg_warp_sum(float v) { return simd_sum(v); }
 inline float jg_bits_float(uint32_t v) { return as_type<float>(v); }
 inline float jg_exp(float v) { return fast::exp(v); }
-inline float jg_rsqrt(float v) { return metal::rsqrt(v); }
 template <int BITS>
 inline void jg_decode32(const thread uint32_t* w, thread float* q) {
 constexpr uint32_t field = ((1u << BITS) - 1u) << (23 - BITS);
@@ -85,11 +84,6 @@ const int lane = int(thread_index_in_simdgroup);
 float ag[MT], au[MT];
 #pragma unroll
 for (int m = 0; m < MT; m++) { ag[m] = 0.0f; au[m] = 0.0f; }
-#ifdef JG_NORM
-float ss[MT];
-#pragma unroll
-for (int m = 0; m < MT; m++) ss[m] = 0.0f;
-#endif
 for (int c = lane; c < chunks; c += 32) {
 uint32_t qg[BITS], qu[BITS];
 jg_load_words<BITS>(wg + nn * row_words + c * BITS, qg);
@@ -101,21 +95,12 @@ jg_fold<BITS>(static_cast<float>(su_[g]), static_cast<float>(bu_[g]), su, bu);
 float fg[32], fu[32];
 jg_decode32<BITS>(qg, fg);
 jg_decode32<BITS>(qu, fu);
-#ifdef JG_NORM
-float nw[32];
-#pragma unroll
-for (int j = 0; j < 4; j++) jg_load8(norm_w + c * 32 + 8 * j, nw + 8 * j);
-#endif
 #pragma unroll
 for (int m = 0; m < MT; m++) {
 const device T* xp = x + min(m0 + m, M - 1) * K + c * 32;
 float xv[32];
 #pragma unroll
 for (int j = 0; j < 4; j++) jg_load8(xp + 8 * j, xv + 8 * j);
-#ifdef JG_NORM
-#pragma unroll
-for (int i = 0; i < 32; i++) { ss[m] += xv[i] * xv[i]; xv[i] *= nw[i]; }
-#endif
 float s0 = 0.0f, s1g = 0.0f, s1u = 0.0f;
 #pragma unroll
 for (int i = 0; i < 32; i++) { s0 += xv[i]; s1g += xv[i] * fg[i]; s1u += xv[i] * fu[i]; }
@@ -125,11 +110,7 @@ au[m] += su * s1u + bu * s0;
 }
 #pragma unroll
 for (int m = 0; m < MT; m++) {
-#ifdef JG_NORM
-const float scale = jg_rsqrt(jg_warp_sum(ss[m]) / float(K) + eps[0]);
-#else
 const float scale = 1.0f;
-#endif
 const float gv = static_cast<float>(static_cast<T>(jg_warp_sum(ag[m]) * scale));
 const float uv = static_cast<float>(static_cast<T>(jg_warp_sum(au[m]) * scale));
 if (lane == 0 && m0 + m < M && n < N) {

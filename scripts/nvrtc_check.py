@@ -50,6 +50,17 @@ _CUDA_TYPE = {"half": "__half", "int": "int32_t"}
 VARIANTS = {name: (body, defines, [(n, _CUDA_TYPE.get(t, t)) for n, t in extra_in], extra_out)
             for name, (body, defines, extra_in, extra_out) in metal_export.VARIANTS.items()}
 
+# the tensor-core GEMV's fusions (CUDA only, so not in metal_export)
+_H = "__half"
+_MULTI_IN = [(n, t) for i in "12" for n, t in ((f"w{i}", "uint32_t"), (f"scales{i}", _H), (f"biases{i}", _H))]
+_NORM_IN = [("norm_w", _H), ("eps", "float")]
+VARIANTS.update({
+    "qmv_tc_norm_resid": ("qmv_tc", ("JG_NORM", "JG_RESID"), _NORM_IN + [("resid", _H)], []),
+    "qmv_tc_swiglu_norm": ("qmv_tc", ("JG_SWIGLU", "JG_NORM"),
+                           [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
+    "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
+                               _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
+})
 
 # more template instances of one body: name -> body
 INSTANCES = {"qmv_tc_bf16_2bit": "qmv_tc"}

@@ -1,7 +1,8 @@
 """Where a decode step's time goes, per token, for mlx-lm and for JANG configs on a
 Llama-3-8B-shaped model (random weights, full depth): host time building the graph in
 Python, host time of MLX's eval (mx.eval after the build, nothing overlapping), GPU
-busy time (CUPTI kernel durations through torch.profiler) and CUDA kernels per token.
+busy time (CUPTI kernel durations through torch.profiler), CUDA kernels per token, and
+the kernels that take the most GPU time per token.
 The wall time per token of a pipelined decode is about max(build + eval, GPU).
 GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]"""
 
@@ -16,6 +17,9 @@ import mlx.core as mx  # noqa: E402
 from jang import bench_kernels as bk  # noqa: E402
 from jang import kernels  # noqa: E402
 from jang.layers import adopt_all  # noqa: E402
+
+
+TOP_KERNELS = 16  # kernel names listed per config, by GPU time per token
 
 
 def step(model, y, cache):
@@ -46,6 +50,11 @@ def profile(model, steps=16):
             mx.eval(y)
     kernels_run = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.time_range.elapsed_us() for e in kernels_run) / steps
+    by_name = {}
+    for e in kernels_run:
+        us, n = by_name.get(e.name, (0.0, 0))
+        by_name[e.name] = (us + e.time_range.elapsed_us(), n + 1)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     t0 = time.perf_counter()
     for _ in range(steps):
         y = step(model, y, cache)
@@ -53,7 +62,9 @@ def profile(model, steps=16):
     mx.eval(y)
     wall = (time.perf_counter() - t0) / steps
     return {"build_ms": build / steps * 1e3, "eval_ms": evals / steps * 1e3, "gpu_ms": gpu / 1e3,
-            "kernels": len(kernels_run) / steps, "pipelined_ms": wall * 1e3, "tok_s": 1 / wall}
+            "kernels": len(kernels_run) / steps, "pipelined_ms": wall * 1e3, "tok_s": 1 / wall,
+            "top_kernels": [{"name": name[:120], "us_per_token": us / steps, "per_token": n / steps}
+                            for name, (us, n) in top]}
 
 
 def main():

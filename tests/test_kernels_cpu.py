@@ -49,6 +49,39 @@ def test_cuda_only_bodies_build_with_their_helpers(name):
     assert "jg_tc_" not in dialect.header("metal")
 
 
+def test_conditionals_are_resolved_for_the_defines():
+    text = "a\n#ifdef JG_X\nb\n#ifndef JG_Y\nc\n#else\nd\n#endif\n#else\ne\n#endif\nf"
+    assert dialect.resolve_conditionals(text, ("JG_X",)) == "a\nb\nc\nf"
+    assert dialect.resolve_conditionals(text, ("JG_X", "JG_Y")) == "a\nb\nd\nf"
+    assert dialect.resolve_conditionals(text, ()) == "a\ne\nf"
+    with pytest.raises(ValueError, match="unterminated"):
+        dialect.resolve_conditionals("#ifdef JG_X\nb", ())
+
+
+def test_a_kernel_source_keeps_only_its_own_fusions():
+    """MLX hashes a kernel's whole source on every launch: a body's unused fusions are cut
+    out, and the ones asked for stay."""
+    _, resid = dialect.source("qmv_tc", "cuda", ("JG_RESID",))
+    _, swiglu = dialect.source("qmv_tc", "cuda", ("JG_SWIGLU", "JG_NORM"))
+    assert "#if" not in resid and "wu" not in resid and "inv_freq" not in resid and "resid[o]" in resid
+    assert "wu" in swiglu and "norm_w" in swiglu and "resid[" not in swiglu
+    assert len(resid) < 0.7 * len(dialect.minify(dialect.body("qmv_tc")))
+
+
+def test_rope_speeds_are_prepared_outside_the_compiled_trace():
+    """prepare_rope caches evaluated speeds, which qkv's RoPE then reads as they are
+    (computed inside mx.compile they would be recomputed by every compiled call)."""
+    import mlx.nn as nn
+
+    rope = nn.RoPE(64, base=10000.0)
+    kernels.prepare_rope(rope)
+    inv = rope.__dict__["_jang_inv_freq"]
+    expected = 10000.0 ** (-np.arange(0, 64, 2) / 64)
+    np.testing.assert_allclose(np.array(inv), expected, rtol=1e-6)
+    assert kernels._rope_args(rope, 64, None)[0] is inv
+    kernels.prepare_rope(None)  # attention without a rope module: nothing to do
+
+
 def test_committed_metal_sources_are_current(tmp_path):
     for path in metal_export.export(tmp_path):
         committed = ROOT / "metal" / path.name

@@ -186,6 +186,59 @@ def test_qmv_tc(bits, gs, dtype):
         assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, resid=resid), ref + resid.astype(mx.float32)) < TOL[dtype]
 
 
+TC_FUSION_CASES = [(4, mx.float16), (2, mx.float16), (8, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16)]
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+@pytest.mark.parametrize("bits,dtype", TC_FUSION_CASES, ids=[f"{b}bit-{'fp16' if d == mx.float16 else 'bf16'}" for b, d in TC_FUSION_CASES])
+def test_qmv_tc_fusions(bits, dtype):
+    """The tensor-core decode fusions against the fp32 reference: input RMSNorm (+ the
+    residual), gate + up + SwiGLU, and q/k/v in one launch, for one and two tokens."""
+    k = 640  # 10 groups of 64: the last run of 8 groups is partial
+    mats = [quantized(n, k, bits, 64, dtype, seed=10 + i) for i, n in enumerate((256, 64, 96))]
+    nw = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
+    for m in (1, 2):
+        x = (3 * mx.random.normal((m, k))).astype(dtype)  # not unit RMS: the norm must matter
+        xn = rms_norm_ref(x, nw, 1e-5)
+        resid = mx.random.normal((m, 256)).astype(dtype)
+        ref = reference_matmul(xn, *mats[0], 64, bits)
+        assert rel_err(gpu.qmv_tc(x, *mats[0], 64, bits, norm=(nw, 1e-5)), ref) < 2 * TOL[dtype]
+        out = gpu.qmv_tc(x, *mats[0], 64, bits, norm=(nw, 1e-5), resid=resid)
+        assert rel_err(out, ref + resid.astype(mx.float32)) < 2 * TOL[dtype]
+        outs = gpu.qmv_tc_multi(x, mats, 64, bits, norm=(nw, 1e-5))
+        for out, mat in zip(outs, mats):
+            assert out.shape == (m, mat[0].shape[0])
+            assert rel_err(out, reference_matmul(xn, *mat, 64, bits)) < 2 * TOL[dtype]
+        gate, up = mats[0], quantized(256, k, bits, 64, dtype, seed=20)
+        for norm, xin in ((None, x.astype(mx.float32)), ((nw, 1e-5), xn)):
+            g, u = reference_matmul(xin.astype(dtype), *gate, 64, bits), reference_matmul(xin.astype(dtype), *up, 64, bits)
+            out = gpu.swiglu_tc(x, gate, up, 64, bits, norm=norm)
+            assert out.shape == (m, 256)
+            assert rel_err(out, g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("traditional", (False, True))
+def test_qkv_tc_with_rope(traditional, head_dim):
+    """q/k/v on the tensor cores with RoPE on q and k (a rotation pair's rows D/2 apart
+    meet in one block), against mx.fast.rope of the reference."""
+    k = 512
+    mats = [quantized(n, k, 4, 64, mx.float16, seed=30 + i) for i, n in enumerate((4 * head_dim, 2 * head_dim, 2 * head_dim))]
+    assert gpu.multi_tc_rows_ok(mats, head_dim, traditional)
+    nw = (1 + 0.1 * mx.random.normal((k,))).astype(mx.float16)
+    inv_freq = gpu.rope_inv_freq(head_dim, 10000.0)
+    x = mx.random.normal((2, 1, k)).astype(mx.float16)
+    outs = gpu.qmv_tc_multi(x, mats, 64, 4, norm=(nw, 1e-5), rope=(inv_freq, mx.array(37, mx.int32), head_dim, traditional))
+    xn = rms_norm_ref(x, nw, 1e-5)
+    for i, (out, mat) in enumerate(zip(outs, mats)):
+        heads = mat[0].shape[0] // head_dim
+        ref = reference_matmul(xn, *mat, 64, 4).astype(mx.float16).reshape(2, heads, 1, head_dim)
+        if i < 2:
+            ref = mx.fast.rope(ref, head_dim, traditional=traditional, base=10000.0, scale=1.0, offset=37)
+        assert rel_err(out.reshape(2, heads, 1, head_dim), ref) < 2 * TOL[mx.float16]
+
+
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
 def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     from jang import kernels
@@ -201,9 +254,11 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(kernels._gemv(x3, wq, s, b, 64, 4), reference_matmul(x3, wq, s, b, 64, 4)) < TOL[mx.float16]
 
 
-def test_compiled_decode_with_fused_kernels():
+@pytest.mark.parametrize("extra", [(), ("fused_tc",)], ids=["cuda-core", "tensor-core"])
+def test_compiled_decode_with_fused_kernels(extra):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
-    on gives the logits of mlx-lm's own modules."""
+    on (q/k/v and gate/up on the CUDA cores, or on the tensor cores) gives the logits of
+    mlx-lm's own modules."""
     import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.models.cache import make_prompt_cache
@@ -229,7 +284,7 @@ def test_compiled_decode_with_fused_kernels():
         return mx.concatenate(logits).astype(mx.float32)
 
     ref = decode()
-    with kernels.enabled({"qmv", "swiglu", "compiled_decode"}):
+    with kernels.enabled({"qmv", "swiglu", "compiled_decode", *extra}):
         adopt_all(model)
         out = decode()
     assert type(model.model.layers[0]).__name__.startswith("Compiled")

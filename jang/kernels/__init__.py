@@ -39,6 +39,11 @@ ROUTES = {
         # GEMVs of 1-2 tokens on the tensor cores where the bits allow (gpu.qmv_tc_supported):
         # 8192x8192 at 4 / 2 bits 18.4 / 14.7 us vs 20.1 / 20.7 on the CUDA cores (H100)
         "qmv_tc": True,
+        # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
+        # tensor cores too (else their CUDA-core kernels; needs qmv_tc): GPU time per token
+        # 4.3 -> 3.5 ms on the 8B shape, but end to end no faster (171 vs 178 and 145 vs 184
+        # tok/s in two alternating runs): decode is host-bound (docs/kernels.md, session 5)
+        "fused_tc": False,
         "prefill": "dequant",  # many tokens: "qmm" (fused tensor-core, 2-3x slower than MLX), "dequant" or "mlx"
         "embedding": True,
         "swiglu": False,  # as qmv (the MLP outside compiled decode)
@@ -137,10 +142,15 @@ def _matmul_op(tokens: int, b: str):
     return None
 
 
+def _tensor_cores(x, bits, group_size) -> bool:
+    """Whether the tensor-core GEMV kernels serve these tokens, bits and group size."""
+    return (x.size // x.shape[-1] <= gpu.QMV_TC_MAX_M and route("qmv_tc")
+            and gpu.qmv_tc_supported(x, bits, group_size))
+
+
 def _gemv(x, w, scales, biases, group_size, bits, resid=None):
     """A fused GEMV of a few tokens: on the tensor cores where route and layout allow."""
-    if (x.size // x.shape[-1] <= gpu.QMV_TC_MAX_M and route("qmv_tc")
-            and gpu.qmv_tc_supported(x, bits, group_size)):
+    if _tensor_cores(x, bits, group_size):
         return gpu.qmv_tc(x, w, scales, biases, group_size, bits, resid=resid)
     return gpu.qmv(x, w, scales, biases, group_size, bits, resid=resid)
 
@@ -155,6 +165,9 @@ def quantized_matmul(x, w, scales, biases, group_size, bits, mode="affine"):
     if b == "cpu":
         return cpu.quantized_matmul(x, w, scales, biases, group_size, bits, mode)
     if b in ROUTES:
+        if (w.shape[0] * x.shape[-1] >= gpu.QMV_TC_ALONE_MIN_WEIGHTS and _tensor_cores(x, bits, group_size)
+                and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
+            return gpu.qmv_tc(x, w, scales, biases, group_size, bits)  # e.g. the output head at decode
         op = _matmul_op(x.size // x.shape[-1], b)
         if (op is not None and w.shape[0] * x.shape[-1] >= gpu.FUSED_MIN_WEIGHTS
                 and gpu.supports_affine(x, w, scales, biases, group_size, bits, mode)):
@@ -207,8 +220,9 @@ def swiglu(x, gate, up, norm=None):
         return None
     if norm is None and gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
         return None  # a plain swap of launches: only where the kernel is faster on the GPU
-    return gpu.swiglu(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits,
-                      norm=None if norm is None else _rms(norm))
+    tc = route("fused_tc") and _tensor_cores(x, gate.bits, gate.group_size)
+    fused = gpu.swiglu_tc if tc else gpu.swiglu
+    return fused(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits, norm=None if norm is None else _rms(norm))
 
 
 # mlx-lm rope module class -> its per-pair angular speeds (what the q/k/v kernel's
@@ -231,6 +245,17 @@ def _rope_args(rope, head_dim: int, offset):
     return inv, offset, head_dim, rope.traditional
 
 
+def prepare_rope(rope) -> None:
+    """Compute and evaluate the speeds qkv's RoPE reads, outside any mx.compile trace:
+    computed inside one they would be part of the compiled graph, and every compiled
+    call would run their arange / power again (two launches per layer and token)."""
+    speeds = _ROPE_SPEEDS.get(type(rope))
+    if speeds is not None and "_jang_inv_freq" not in rope.__dict__:
+        inv = speeds(rope)
+        mx.eval(inv)
+        rope.__dict__["_jang_inv_freq"] = inv
+
+
 def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
     """The three projections of norm(x) in one launch, or None where it does not apply.
     With rope (an mlx-lm rope module, the heads' size and the position as an array):
@@ -239,11 +264,14 @@ def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
     mats = [_arrays(p) for p in projections]
     if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok(mats):
         return None
-    rope_args = None if rope is None else _rope_args(rope, head_dim, offset)
-    if rope_args is not None and not gpu.multi_rows_ok(mats, head_dim):
-        rope_args = None
     first = projections[0]
-    q, k, v = gpu.qmv_multi(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args)
+    tc = route("fused_tc") and _tensor_cores(x, first.bits, first.group_size) and gpu.multi_tc_rows_ok(mats)
+    rope_args = None if rope is None else _rope_args(rope, head_dim, offset)
+    if rope_args is not None and not (gpu.multi_tc_rows_ok(mats, head_dim, rope_args[3]) if tc
+                                      else gpu.multi_rows_ok(mats, head_dim)):
+        rope_args = None
+    fused = gpu.qmv_tc_multi if tc else gpu.qmv_multi
+    q, k, v = fused(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args)
     return q, k, v, rope_args is not None
 
 

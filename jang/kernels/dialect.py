@@ -209,6 +209,32 @@ def minify(text: str) -> str:
     return "\n".join(line.strip() for line in text.split("\n") if line.strip())
 
 
+_CONDITIONAL = re.compile(r"#\s*(ifdef|ifndef|else|endif)\b\s*(\w*)")
+
+
+def resolve_conditionals(text: str, defines) -> str:
+    """text with its #ifdef / #ifndef / #else / #endif blocks resolved for ``defines``
+    (every other macro counts as undefined): a body's unused fusions cost host time on
+    every launch (see minify), so they are cut before MLX sees the source."""
+    defined, keep, out = set(defines), [], []  # keep: per open block, (parent live, this branch live)
+    for line in text.split("\n"):
+        m = _CONDITIONAL.fullmatch(line.strip())
+        live = all(k[1] for k in keep)
+        if m is None:
+            if live:
+                out.append(line)
+        elif m.group(1) in ("ifdef", "ifndef"):
+            keep.append((live, (m.group(2) in defined) == (m.group(1) == "ifdef")))
+        elif m.group(1) == "else":
+            parent, branch = keep.pop()
+            keep.append((parent, not branch))
+        else:
+            keep.pop()
+    if keep:
+        raise ValueError("unterminated #ifdef block in a kernel source")
+    return "\n".join(out)
+
+
 _HELPER = re.compile(r"\bjg_\w+")
 
 
@@ -247,7 +273,8 @@ def source(name: str, dialect: str, defines: tuple = ()) -> tuple:
     """(header, body) of kernel ``name`` as it is built: minified, and the header cut
     to the helpers the body uses (directly or through other helpers). ``defines``
     are macros set at the top of the body: a body's optional fusions (JG_NORM ...)."""
-    body_text = "".join(f"#define {d} 1\n" for d in defines) + minify(translate(body(name), dialect))
+    body_text = "".join(f"#define {d} 1\n" for d in defines) + resolve_conditionals(
+        minify(translate(body(name), dialect)), defines)
     pre, rest = _split_preprocessor(minify(header(dialect)))
     items = _items(rest)
     wanted, frontier = set(), set(_HELPER.findall(body_text))

@@ -115,37 +115,106 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 QMV_TC = {"RT": 1, "KS": None, "MT": 2, "prefetch": False, "alu_sums": False}
 QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
+# At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
+# H100 ("too many resources requested for launch": registers), and the 8192x8192
+# sweep never chose 16.
+QMV_TC_MAX_KS = 8
 QMV_TC_OPTIONS = {"prefetch": "JG_TC_PREFETCH", "alu_sums": "JG_TC_ALU_SUMS"}  # config key -> macro
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
+# A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
+# there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
+# (the output head of a large vocabulary at decode: 128256 x 4096 in Llama-3-8B).
+QMV_TC_ALONE_MIN_WEIGHTS = 1 << 25
 
 
 def qmv_tc_supported(x, bits, group_size) -> bool:
     return _dialect() == "cuda" and bits in QMV_TC_BITS.get(x.dtype, ()) and group_size in GROUP_SIZES
 
 
+# the up matrix of the SwiGLU fusion (gate takes w / scales / biases)
+SWIGLU_TC_INPUTS = ("wu", "su_", "bu_")
+
+
 @lru_cache(maxsize=None)
-def _qmv_tc_launch(M, N, K, bits, group_size, dtype, RT, KS, MT, defines=()):
+def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, defines=(), head_dim=0, traditional=False):
+    """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
+    of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them)."""
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
+    tiles = sum(Ns) // 16 * (2 if "JG_SWIGLU" in defines else 1)  # 16-row tiles of weights read
     if KS is None:
-        KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * 16 * RT / N))))
-    ks = max(1, min(KS, 16, runs))
+        KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * RT / tiles))))
+    ks = max(1, min(KS, QMV_TC_MAX_KS, runs))
     template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt)]
-    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
-    kern = dialect.kernel("qmv_tc", inputs, ("out",), "cuda", defines=defines)
-    return kern, template, (math.ceil(N / (16 * RT)) * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
+    if "JG_ROPE" in defines:
+        template += [("D", head_dim), ("TRADITIONAL", traditional)]
+    inputs = ("x", "w", "scales", "biases") + (MULTI_INPUTS if "JG_MULTI" in defines else ())
+    inputs += SWIGLU_TC_INPUTS if "JG_SWIGLU" in defines else ()
+    inputs += tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
+    kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines)
+    rows_per_block = 16 * RT // (2 if "JG_SWIGLU" in defines else 1)
+    blocks = sum(math.ceil(n / rows_per_block) for n in Ns)
+    return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
 
 
-def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, resid=None):
-    """qmv on the tensor cores (CUDA; qmv_tc_supported): x (..., K) -> (..., N)."""
-    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {})}
+def _tc_config(bits, config=None, **fixed):
+    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {}), **fixed}
+    return c, tuple(d for key, d in QMV_TC_OPTIONS.items() if c.get(key))
+
+
+def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid=None):
+    """qmv on the tensor cores (CUDA; qmv_tc_supported): x (..., K) -> (..., N).
+    norm=(weight, eps): x is RMS-normalised first; resid: added to the result."""
+    c, options = _tc_config(bits, config)
     N, K = w.shape[0], x.shape[-1]
-    defines, extra = _fusion_args(None, resid)
-    defines = tuple(d for key, d in QMV_TC_OPTIONS.items() if c.get(key)) + defines
-    kern, template, grid, tg = _qmv_tc_launch(x.size // K, N, K, bits, group_size, x.dtype,
-                                              c["RT"], c["KS"], c["MT"], defines)
+    defines, extra = _fusion_args(norm, resid)
+    kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
+                                              c["RT"], c["KS"], c["MT"], options + defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
+    """swiglu on the tensor cores (CUDA; qmv_tc_supported): each block's even tiles
+    read gate, its odd tiles up, for the same rows (RT even)."""
+    c, options = _tc_config(bits, config)
+    RT = max(2, c["RT"] + c["RT"] % 2)
+    N, K = gate[0].shape[0], x.shape[-1]
+    defines, extra = _fusion_args(norm, None)
+    kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
+                                              RT, c["KS"], c["MT"], options + ("JG_SWIGLU",) + defines)
+    return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+# q/k/v on the tensor cores: two tiles per warp, so that with RoPE a rotation pair's
+# rows (i and i + D/2 of a head) meet in one block
+QKV_TC_RT = 2
+
+
+def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
+    """Whether qmv_tc_multi can serve these matrices: whole blocks of 16 * QKV_TC_RT rows
+    per matrix; with RoPE whole heads, each a whole number of blocks."""
+    rows = 16 * QKV_TC_RT
+    if head_dim is not None and (head_dim % (2 if traditional else rows) or any(m[0].shape[0] % head_dim for m in mats)):
+        return False
+    return all(m[0].shape[0] % rows == 0 for m in mats)
+
+
+def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None):
+    """qmv_multi on the tensor cores (CUDA; qmv_tc_supported, multi_tc_rows_ok)."""
+    c, options = _tc_config(bits, config)
+    Ns, K = tuple(m[0].shape[0] for m in mats), x.shape[-1]
+    defines, extra = _fusion_args(norm, None)
+    head_dim = traditional = 0
+    if rope is not None:
+        inv_freq, offset, head_dim, traditional = rope
+        defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
+    kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
+                                              c["MT"], options + ("JG_MULTI",) + defines, head_dim, bool(traditional))
+    return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
+                output_shapes=[(*x.shape[:-1], n) for n in Ns], output_dtypes=[x.dtype] * 3)
 
 
 def multi_rows_ok(mats, head_dim=None) -> bool:
