@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm import utils as mlx_utils
@@ -63,3 +64,17 @@ def tiny_llama(tmp_path, smollm2_float):
 def reference_kernels(monkeypatch):
     """Run JANG's layers through MLX's own ops, so logits are bit-identical to mlx-lm's."""
     monkeypatch.setenv("JANG_KERNELS", "reference")
+
+
+class InputRecorder(nn.Module):
+    """Calls the wrapped module, keeping each input it sees (what a test then builds
+    Hessians from by hand)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.inputs = []
+
+    def __call__(self, x):
+        self.inputs.append(x)
+        return self.inner(x)

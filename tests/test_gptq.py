@@ -4,11 +4,11 @@ and a lower layer-output error than RTN on SmolLM2's weights with real activatio
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm import utils as mlx_utils
 
+from conftest import InputRecorder
 from jang.data import paragraphs
 from jang.quantizers import gptq as gptq_module
 from jang.quantizers.cholesky import permute_symmetric, restore_upper, reverse_cholesky
@@ -181,19 +181,6 @@ def test_registry_signature_needs_calibration():
                                                          gptq(w, h, 4, 64)))
 
 
-class Recorder(nn.Module):
-    """Calls the wrapped linear, keeping each input it sees."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.inputs = []
-
-    def __call__(self, x):
-        self.inputs.append(x)
-        return self.inner(x)
-
-
 def book_sequences(tokenizer, book: str, count: int, length: int = 512) -> mx.array:
     """`count` sequences of `length` tokens, taken from places spread through the book."""
     paras = paragraphs(book)
@@ -217,8 +204,8 @@ def layer3(smollm2_float):
     model.set_dtype(mx.float32)
     tokenizer = mlx_utils.load_tokenizer(Path(smollm2_float))
     layer = model.model.layers[3]
-    layer.self_attn.q_proj = q = Recorder(layer.self_attn.q_proj)
-    layer.mlp.down_proj = down = Recorder(layer.mlp.down_proj)
+    layer.self_attn.q_proj = q = InputRecorder(layer.self_attn.q_proj)
+    layer.mlp.down_proj = down = InputRecorder(layer.mlp.down_proj)
     model.model.layers = model.model.layers[:4]  # nothing later affects layer 3's inputs
     model.model(book_sequences(tokenizer, "prideprejudice", 16))  # hidden states: skips the LM head
     model.model(book_sequences(tokenizer, "emma", 1))

@@ -4,7 +4,6 @@ expert, each on the calibration rows routed to it."""
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_lm
 import numpy as np
 from mlx.utils import tree_flatten
@@ -22,7 +21,7 @@ from jang.layers import QuantizedSwitchLinear
 from jang.quantizers.gptq import gptq
 from jang.sequential import expert_hessians, hessians
 
-from conftest import make_tiny_model
+from conftest import InputRecorder, make_tiny_model
 
 TINY_QWEN3_MOE = {
     "model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
@@ -82,19 +81,6 @@ def moe_text(smollm2_float):
     return calibration_chunks(tok), held_out
 
 
-class BlockInputs(nn.Module):
-    """Test-side: keeps each input of the wrapped MoE block, then calls it."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.seen = []
-
-    def __call__(self, x):
-        self.seen.append(x)
-        return self.inner(x)
-
-
 def routed_hessians_by_hand(block, inputs) -> dict:
     """name -> (per-expert sum of x x^T in float64, rows per expert), routing recomputed
     here in numpy from the block's own router: top-k of the gate logits (softmax keeps
@@ -124,11 +110,11 @@ def test_each_expert_hessian_is_the_sum_over_its_own_routed_rows(moe_text, chunk
     model = tiny_moe()
     recorded = hessians(model, chunks, EXPERT_PATHS)
     for i, layer in enumerate(model.model.layers):
-        layer.mlp = BlockInputs(layer.mlp)
+        layer.mlp = InputRecorder(layer.mlp)
     for ids in chunks:
         model(mx.array([ids]))
     for i, layer in enumerate(model.model.layers):
-        by_hand = routed_hessians_by_hand(layer.mlp.inner, layer.mlp.seen)
+        by_hand = routed_hessians_by_hand(layer.mlp.inner, layer.mlp.inputs)
         for name, by_hand_name in (("gate_proj", "gate_proj"), ("up_proj", "gate_proj"), ("down_proj", "down_proj")):
             hess, rows = recorded[f"model.layers.{i}.mlp.switch_mlp.{name}"]
             want, want_rows = by_hand[by_hand_name]
