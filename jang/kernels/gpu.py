@@ -158,8 +158,10 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, defines=(), he
     return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
 
 
-def _tc_config(bits, config=None, **fixed):
-    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {}), **fixed}
+def _tc_config(bits, config=None):
+    """The launch config for these bits (QMV_TC, its per-bits winners, then config) and
+    the option macros it turns on."""
+    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {})}
     return c, tuple(d for key, d in QMV_TC_OPTIONS.items() if c.get(key))
 
 
