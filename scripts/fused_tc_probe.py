@@ -66,7 +66,7 @@ def main():
         for ks in (None, 1, 2, 4, 8):
             probe(f"{name}: tc KS{ks}", lambda: [lambda s=s: gpu.qmv_tc(xk, *s[0], GS, bits, {"KS": ks}, resid=resid)
                                                   for s in sets], KS=ks)
-        del sets
+        sets = None  # frees this shape's copies before the next
     out = Path(os.environ.get("OUT", "/tmp")) / f"fused_tc_probe_{bits}.json"
     out.write_text(json.dumps({"device": bk.device_name(), "bits": bits, "rows": rows}, indent=1))
 
