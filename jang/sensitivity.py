@@ -66,8 +66,9 @@ def rtn_error(weight, bits: int, group_size: int):
     return mx.dequantize(wq, s, b, group_size=group_size, bits=bits).astype(mx.float32) - weight.astype(mx.float32)
 
 
-def score_table(model, fisher: dict, candidates=CANDIDATES, progress: bool = True) -> dict:
-    """path -> {"<bits>:<group>": predicted KL per token} for each valid candidate."""
+def score_table(model, fisher: dict, candidates=CANDIDATES, progress: bool = True, error=rtn_error) -> dict:
+    """path -> {"<bits>:<group>": predicted KL per token} for each valid candidate, with
+    error(weight, bits, group) the quantization error the prediction assumes (RTN's)."""
     roles = model_roles(model)
     table = {}
     modules = [(p, m) for p, m in quantizable_modules(model) if PROFILE_CLASS.get(roles[p]) is not None]
@@ -80,7 +81,7 @@ def score_table(model, fisher: dict, candidates=CANDIDATES, progress: bool = Tru
                 continue
             # One candidate at a time: all of them in one graph held ~1 GB of fp32
             # temporaries each for Gemma's 168M-weight embedding (OOM at 20 GB).
-            scores[f"{bits}:{group}"] = (0.5 * (f * rtn_error(weight, bits, group) ** 2).sum()).item()
+            scores[f"{bits}:{group}"] = (0.5 * (f * error(weight, bits, group) ** 2).sum()).item()
         table[path] = scores
     return table
 
