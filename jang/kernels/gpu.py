@@ -50,10 +50,12 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
-# Optional fusions of the GEMV (macros of qmv.body / swiglu.body) and the inputs each
-# one adds, in the kernel's argument order.
-MULTI_INPUTS = ("w1", "scales1", "biases1", "w2", "scales2", "biases2")
-FUSION_INPUTS = {"JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset")}
+# Optional fusions of the GEMV (macros of qmv.body / swiglu.body / qmv_tc.body) and the
+# inputs each one adds, in the kernel's argument order (defines are listed in that order:
+# JG_MULTI's and JG_SWIGLU's weights before the norm's, the residual's and RoPE's inputs).
+FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "biases2"),
+                 "JG_SWIGLU": ("wu", "su_", "bu_"),  # qmv_tc's up matrix (gate takes w / scales / biases)
+                 "JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset")}
 
 
 @lru_cache(maxsize=None)
@@ -83,8 +85,7 @@ def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=(), hea
         template += (("D", head_dim), ("TRADITIONAL", traditional))
     blocks = sum(math.ceil(n / (WARPS * R)) for n in Ns)
     grid = (blocks * WARPS * 32, math.ceil(M / mt), 1)
-    inputs = ("x", "w", "scales", "biases") + (MULTI_INPUTS if "JG_MULTI" in defines else ())
-    inputs += tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
     outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
     kern = dialect.kernel("qmv", inputs, outputs, _dialect(), defines=defines)
     return kern, list(template), grid, (WARPS * 32, 1, 1)
@@ -131,30 +132,24 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
     return _dialect() == "cuda" and bits in QMV_TC_BITS.get(x.dtype, ()) and group_size in GROUP_SIZES
 
 
-# the up matrix of the SwiGLU fusion (gate takes w / scales / biases)
-SWIGLU_TC_INPUTS = ("wu", "su_", "bu_")
-
-
 @lru_cache(maxsize=None)
 def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, defines=(), head_dim=0, traditional=False):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
     of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them)."""
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
-    tiles = sum(Ns) // 16 * (2 if "JG_SWIGLU" in defines else 1)  # 16-row tiles of weights read
+    per_row = 2 if "JG_SWIGLU" in defines else 1  # weight rows read per output row (gate and up)
+    tiles = sum(Ns) * per_row // 16  # 16-row tiles of weights read
     if KS is None:
         KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * RT / tiles))))
     ks = max(1, min(KS, QMV_TC_MAX_KS, runs))
     template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
-    inputs = ("x", "w", "scales", "biases") + (MULTI_INPUTS if "JG_MULTI" in defines else ())
-    inputs += SWIGLU_TC_INPUTS if "JG_SWIGLU" in defines else ()
-    inputs += tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
     outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
     kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines)
-    rows_per_block = 16 * RT // (2 if "JG_SWIGLU" in defines else 1)
-    blocks = sum(math.ceil(n / rows_per_block) for n in Ns)
+    blocks = sum(math.ceil(n / (16 * RT // per_row)) for n in Ns)
     return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
 
 
