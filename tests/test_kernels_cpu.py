@@ -56,6 +56,8 @@ def test_conditionals_are_resolved_for_the_defines():
     assert dialect.resolve_conditionals(text, ()) == "a\ne\nf"
     with pytest.raises(ValueError, match="unterminated"):
         dialect.resolve_conditionals("#ifdef JG_X\nb", ())
+    with pytest.raises(ValueError, match="#ifdef / #ifndef only"):
+        dialect.resolve_conditionals("#if JG_X > 1\nb\n#endif", ())
 
 
 def test_a_kernel_source_keeps_only_its_own_fusions():

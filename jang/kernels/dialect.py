@@ -209,25 +209,25 @@ def minify(text: str) -> str:
     return "\n".join(line.strip() for line in text.split("\n") if line.strip())
 
 
-_CONDITIONAL = re.compile(r"#\s*(ifdef|ifndef|else|endif)\b\s*(\w*)")
+_CONDITIONAL = re.compile(r"#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(\w*).*")
 
 
 def resolve_conditionals(text: str, defines) -> str:
     """text with its #ifdef / #ifndef / #else / #endif blocks resolved for ``defines``
     (every other macro counts as undefined): a body's unused fusions cost host time on
     every launch (see minify), so they are cut before MLX sees the source."""
-    defined, keep, out = set(defines), [], []  # keep: per open block, (parent live, this branch live)
+    defined, keep, out = set(defines), [], []  # keep: per open block, whether its current branch is taken
     for line in text.split("\n"):
         m = _CONDITIONAL.fullmatch(line.strip())
-        live = all(k[1] for k in keep)
         if m is None:
-            if live:
+            if all(keep):
                 out.append(line)
+        elif m.group(1) in ("if", "elif"):
+            raise ValueError(f"kernel bodies use #ifdef / #ifndef only, not #{m.group(1)} (resolve_conditionals)")
         elif m.group(1) in ("ifdef", "ifndef"):
-            keep.append((live, (m.group(2) in defined) == (m.group(1) == "ifdef")))
+            keep.append((m.group(2) in defined) == (m.group(1) == "ifdef"))
         elif m.group(1) == "else":
-            parent, branch = keep.pop()
-            keep.append((parent, not branch))
+            keep.append(not keep.pop())
         else:
             keep.pop()
     if keep:
