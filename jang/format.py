@@ -258,7 +258,7 @@ def write_jang_config(folder, plan, source=None, extra=None) -> dict:
         "profile": plan.profile,
         "method": plan.method,
         "group_size": plan.group_size,
-        **({"tuning": plan.tuning} if getattr(plan, "tuning", None) else {}),
+        **({"tuning": plan.tuning} if plan.tuning else {}),
         "source": str(source) if source else None,
         "avg_bits_note": "bytes of packed weights + scales + biases as stored x 8 / parameters of the quantized tensors",
         **stats,
