@@ -246,31 +246,34 @@ class _CompiledDecode:
         return post(x, scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None))
 
     # One token: (B, 1, H, D) and (B, H, 1, D) hold the same elements in the same order,
-    # so a reshape replaces mlx-lm's reshape + transpose (one graph node fewer each).
+    # so the fused kernel writes q, k and v straight in the (B, H, 1, D) layout attention
+    # reads (no reshape + transpose nodes, each of which costs host time to evaluate).
     def _jang_pre(self, x, offset):
         a = self.self_attn
         B = x.shape[0]
         heads = (a.n_heads, a.n_kv_heads, a.n_kv_heads)
-        qk_norms = [getattr(a, f"{n}_norm", None) for n in "qk"]  # qwen3 normalises heads before RoPE
         projections = (a.q_proj, a.k_proj, a.v_proj)
+        qk_norms = [getattr(a, f"{n}_norm", None) for n in "qk"]  # qwen3 normalises heads before RoPE
         rope = a.rope if qk_norms == [None, None] else None
         head_dim = a.q_proj["weight"].shape[0] // a.n_heads
+        shapes = [(B, n, 1, p["weight"].shape[0] // n) for p, n in zip(projections, heads)]
         # norm + 3 GEMVs (+ RoPE of q and k) in one launch
-        fused = kernels.qkv(x, projections, self.input_layernorm, rope, head_dim, offset)
-        if fused is not None and fused[3]:
-            return tuple(y.reshape(B, n, 1, -1) for y, n in zip(fused[:3], heads))
+        fused = kernels.qkv(x, projections, self.input_layernorm, rope, head_dim, offset, shapes)
         if fused is None:
             h = self.input_layernorm(x)
-            fused = [p(h) for p in projections]
-        q, k, v = (y.reshape(B, n, 1, -1) for y, n in zip(fused[:3], heads))
+            q, k, v = (p(h).reshape(B, n, 1, -1) for p, n in zip(projections, heads))
+        else:
+            q, k, v, rotated = fused
+            if rotated:
+                return q, k, v
         q, k = (y if norm is None else norm(y) for y, norm in zip((q, k), qk_norms))
         return a.rope(q, offset=offset), a.rope(k, offset=offset), v
 
     def _jang_post(self, x, attn_out):
-        o = attn_out.reshape(x.shape[0], 1, -1)
-        h = kernels.linear_residual(o, self.self_attn.o_proj, x)  # o_proj + residual, one launch
+        # o_proj + residual in one launch, reading attention's (B, H, 1, D) as (B, 1, H * D)
+        h = kernels.linear_residual(attn_out, self.self_attn.o_proj, x)
         if h is None:
-            h = x + self.self_attn.o_proj(o)
+            h = x + self.self_attn.o_proj(attn_out.reshape(x.shape[0], 1, -1))
         return _mlp_residual(self.mlp, self.post_attention_layernorm, h)
 
 
@@ -288,5 +291,72 @@ def _offset_array(offset: int):
 
 def compile_decode(model: nn.Module) -> int:
     """Give the transformer blocks of known mlx-lm architectures the compiled one-token
-    path (_CompiledDecode); returns how many blocks were switched."""
-    return _put_mixin_in_front(model, DECODE_BLOCK_MODULES, "TransformerBlock", _CompiledDecode, "Compiled")
+    path (_CompiledDecode), and their models the chained step (_DecodeChain); returns
+    how many blocks were switched."""
+    blocks = _put_mixin_in_front(model, DECODE_BLOCK_MODULES, "TransformerBlock", _CompiledDecode, "Compiled")
+    for module, class_name in DECODE_MODEL_CLASSES:
+        _put_mixin_in_front(model, (module,), class_name, _DecodeChain, "Chained")
+    return blocks
+
+
+# The blocks' model classes (embedding, blocks, final norm) in DECODE_BLOCK_MODULES.
+DECODE_MODEL_CLASSES = (("llama", "LlamaModel"), ("qwen2", "Qwen2Model"), ("qwen3", "Qwen3Model"))
+
+
+class _DecodeChain:
+    """Mixin put in front of an mlx-lm model class of DECODE_MODEL_CLASSES: one token's
+    step as one compiled call per block boundary instead of two per block. Between two
+    KV-cache updates the work is a pure function, block i's o_proj + MLP followed by
+    block i+1's norm + q/k/v + RoPE, so it is compiled as one (the first also holds the
+    embedding, the last the final norm): 33 compiled calls for 32 blocks instead of 64,
+    and no Python per block beyond the cache update and attention (route decode_chain)."""
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        chain = self._jang_chain(inputs, cache, input_embeddings)
+        if chain is None:
+            return super().__call__(inputs, cache, input_embeddings)
+        first, links, last = chain
+        offset = _offset_array(cache[0].offset)
+        h, q, k, v = first(inputs, offset)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            keys, values = c.update_and_fetch(k, v)
+            o = scaled_dot_product_attention(q, keys, values, cache=c, scale=layer.self_attn.scale, mask=None)
+            if i < len(links):
+                h, q, k, v = links[i](h, o, offset)
+        return last(h, o)
+
+    def _jang_chain(self, inputs, cache, input_embeddings):
+        """(first, links, last) compiled calls for this one-token step, or None where the
+        step is not a plain one-token decode over KVCaches the blocks' path covers."""
+        if (input_embeddings is not None or not cache or inputs.ndim != 2 or inputs.shape[1] != 1
+                or len(cache) != len(self.layers) or getattr(self, "pipeline_size", 1) != 1
+                or not (kernels.route("compiled_decode") and kernels.route("decode_chain"))
+                or any(type(c) is not KVCache for c in cache) or cache[0].offset != cache[-1].offset):
+            return None
+        chain = self.__dict__.get("_jang_chain_calls")
+        if chain is None:
+            chain = self.__dict__["_jang_chain_calls"] = self._jang_compile_chain()
+        return chain or None
+
+    def _jang_compile_chain(self):
+        layers = self.layers
+        if not all(isinstance(layer, _CompiledDecode) for layer in layers):
+            return False
+        for layer in layers:
+            kernels.prepare_rope(getattr(layer.self_attn, "rope", None))  # before the traces: see prepare_rope
+
+        def first(ids, offset):
+            h = self.embed_tokens(ids)
+            return (h, *layers[0]._jang_pre(h, offset))
+
+        def link(block, after, x, attn_out, offset):
+            h = block._jang_post(x, attn_out)
+            return (h, *after._jang_pre(h, offset))
+
+        def last(x, attn_out):
+            return self.norm(layers[-1]._jang_post(x, attn_out))
+
+        from functools import partial
+
+        links = [mx.compile(partial(link, a, b)) for a, b in zip(layers, layers[1:])]
+        return mx.compile(first), links, mx.compile(last)

@@ -66,9 +66,10 @@ for (int i = 0; i < 8; i++) out[i] = static_cast<float>(h[i]);
     uint thread_index_in_simdgroup [[thread_index_in_simdgroup]],
     uint simdgroup_index_in_threadgroup [[simdgroup_index_in_threadgroup]]) {
 typedef half T; constexpr int BITS = 3; constexpr int GS = 64; constexpr int R = 2; constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;
+const int K = w_shape[1] * 32 / BITS;
 int M = 1;
-for (int i = 0; i + 1 < x_ndim; i++) M *= x_shape[i];
-const int K = x_shape[x_ndim - 1];
+for (int i = 0; i < x_ndim; i++) M *= x_shape[i];
+M /= K;
 const int chunks = K / 32;
 const int row_words = chunks * BITS;
 const int row_groups = K / GS;

@@ -86,9 +86,10 @@ typedef half T; constexpr int BITS = 3; constexpr int GS = 64; constexpr int R =
 #define JG_MULTI 1
 #define JG_NORM 1
 #define JG_ROPE 1
+const int K = w_shape[1] * 32 / BITS;
 int M = 1;
-for (int i = 0; i + 1 < x_ndim; i++) M *= x_shape[i];
-const int K = x_shape[x_ndim - 1];
+for (int i = 0; i < x_ndim; i++) M *= x_shape[i];
+M /= K;
 const int chunks = K / 32;
 const int row_words = chunks * BITS;
 const int row_groups = K / GS;

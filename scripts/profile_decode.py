@@ -3,7 +3,9 @@ Llama-3-8B-shaped model (random weights, full depth): host time building the gra
 Python, host time of MLX's eval (mx.eval after the build, nothing overlapping), GPU
 busy time (CUPTI kernel durations through torch.profiler), CUDA kernels per token, and
 the kernels that take the most GPU time per token.
-The wall time per token of a pipelined decode is about max(build + eval, GPU).
+The wall time per token of a pipelined decode is about max(build + encode, GPU), where
+encode is the time of the async_eval call (MLX encoding each graph node for the GPU);
+both are also timed inside the pipelined loop, and the graph's nodes are counted.
 GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]"""
 
 import json
@@ -26,6 +28,20 @@ def step(model, y, cache):
     return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
 
+def graph_nodes(y) -> dict:
+    """The unevaluated graph behind y, counted per primitive (every node costs host time
+    when MLX evaluates it, whether or not it launches a kernel)."""
+    import io
+    import re
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, y)
+    counts = {}
+    for label in re.findall(r'label ="([^"]+)", shape=rectangle', dot.getvalue()):
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def profile(model, steps=16):
     import torch
     from mlx_lm.models.cache import make_prompt_cache
@@ -36,14 +52,18 @@ def profile(model, steps=16):
     for _ in range(4):
         y = step(model, y, cache)
     mx.eval(y)
-    build = evals = 0.0
+    # one token at a time, nothing queued before it: the async_eval call is then pure
+    # host encoding (it can only block on the GPU with more than 10 commits in flight)
+    build = encode = evals = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
         y = step(model, y, cache)
         t1 = time.perf_counter()
-        mx.eval(y)
+        mx.async_eval(y)
         t2 = time.perf_counter()
-        build, evals = build + t1 - t0, evals + t2 - t1
+        mx.eval(y)
+        t3 = time.perf_counter()
+        build, encode, evals = build + t1 - t0, encode + t2 - t1, evals + t3 - t1
     with tprofile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(steps):
             y = step(model, y, cache)
@@ -55,14 +75,27 @@ def profile(model, steps=16):
         us, n = by_name.get(e.name, (0.0, 0))
         by_name[e.name] = (us + e.time_range.elapsed_us(), n + 1)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    # pipelined as mlx-lm's generate runs it; the host's two parts timed apart: the
+    # Python build and the async_eval call (MLX encoding every node into CUDA graphs)
+    pipe_build = pipe_encode = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
+        t1 = time.perf_counter()
         y = step(model, y, cache)
+        t2 = time.perf_counter()
         mx.async_eval(y)
+        t3 = time.perf_counter()
+        pipe_build, pipe_encode = pipe_build + t2 - t1, pipe_encode + t3 - t2
     mx.eval(y)
     wall = (time.perf_counter() - t0) / steps
-    return {"build_ms": build / steps * 1e3, "eval_ms": evals / steps * 1e3, "gpu_ms": gpu / 1e3,
+    y = step(model, y, cache)
+    nodes = graph_nodes(y)
+    mx.eval(y)
+    return {"build_ms": build / steps * 1e3, "encode_ms": encode / steps * 1e3, "eval_ms": evals / steps * 1e3,
+            "gpu_ms": gpu / 1e3,
             "kernels": len(kernels_run) / steps, "pipelined_ms": wall * 1e3, "tok_s": 1 / wall,
+            "pipelined_build_ms": pipe_build / steps * 1e3, "pipelined_encode_ms": pipe_encode / steps * 1e3,
+            "graph_nodes": sum(nodes.values()), "graph_nodes_by_primitive": nodes,
             "top_kernels": [{"name": name[:120], "us_per_token": us / steps, "per_token": n / steps}
                             for name, (us, n) in top]}
 

@@ -28,8 +28,16 @@ def decode(model, steps=6):
     return mx.concatenate(logits)
 
 
+# the compiled path that ran: the per-block calls (model.model.layers[i]) or the chained
+# step (model.model), which the blocks' own path serves when the chain is off
+PATHS = {"chain": ("", lambda m: m.model.__dict__.get("_jang_chain_calls")),
+         "blocks": ("decode_chain=off", lambda m: "_jang_decode" in m.model.layers[0].__dict__
+                    and "_jang_chain_calls" not in m.model.__dict__)}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compiled_decode_matches(family):
+def test_compiled_decode_matches(family, path):
     module, extra = FAMILIES[family]
     args = module.ModelArgs(model_type=family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5,
@@ -40,9 +48,10 @@ def test_compiled_decode_matches(family):
     adopt_all(model)
     ref = decode(model)
     assert compile_decode(model) == 2
-    with kernels.enabled({"compiled_decode"}):  # no CPU route turns it on by itself
+    route, ran = PATHS[path]
+    with kernels.enabled({"compiled_decode", route} - {""}):  # no CPU route turns it on by itself
         out = decode(model)
-    assert "_jang_decode" in model.model.layers[0].__dict__  # the compiled path ran
+    assert ran(model)
     assert mx.allclose(out, ref, atol=1e-4).item()
 
 
@@ -75,6 +84,6 @@ def test_compiled_decode_on_smollm2(smollm2_float, austen_text):
     assert compile_decode(model) == 30
     with kernels.enabled({"compiled_decode"}):
         logits, tokens = continuation()
-    assert "_jang_decode" in model.model.layers[0].__dict__
+    assert PATHS["chain"][1](model)
     assert tokens == ref_tokens
     assert mx.allclose(logits, ref_logits, atol=1e-3, rtol=1e-3).item()

@@ -254,11 +254,12 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(kernels._gemv(x3, wq, s, b, 64, 4), reference_matmul(x3, wq, s, b, 64, 4)) < TOL[mx.float16]
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc",)], ids=["cuda-core", "tensor-core"])
+@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_chain=off",)],
+                         ids=["cuda-core", "tensor-core", "per-block"])
 def test_compiled_decode_with_fused_kernels(extra):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
-    on (q/k/v and gate/up on the CUDA cores, or on the tensor cores) gives the logits of
-    mlx-lm's own modules."""
+    on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across
+    blocks, or per block) gives the logits of mlx-lm's own modules."""
     import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.models.cache import make_prompt_cache
@@ -288,6 +289,8 @@ def test_compiled_decode_with_fused_kernels(extra):
         adopt_all(model)
         out = decode()
     assert type(model.model.layers[0]).__name__.startswith("Compiled")
+    chained = bool(model.model.__dict__.get("_jang_chain_calls"))
+    assert chained == ("decode_chain=off" not in extra)
     assert rel_err(out, ref) < 1e-2
 
 

@@ -50,12 +50,13 @@ ROUTES = {
         "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
         "attention": False,  # MLX's decode SDPA was 10x faster on the GPU (11 vs 110 us at 1k context)
         "compiled_decode": True,  # layers.compile_decode: one compiled call before and after the KV cache
+        "decode_chain": True,  # ... and one per block boundary (layers._DecodeChain) where the whole step allows
         "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
     # by default (not measured): JANG_ENABLE=compiled_decode tries it
-    "cpu": {"compiled_decode": False},
+    "cpu": {"compiled_decode": False, "decode_chain": True},
 }
 
 
@@ -198,14 +199,17 @@ def _rms(norm):
     return (norm.weight, norm.eps) if type(norm) is nn.RMSNorm else None
 
 
-def _fusable(op, x, layers, norm=None) -> bool:
-    if not route(op) or x.size // x.shape[-1] > gpu.QMV_MAX_M or not all(_plain(m) for m in layers):
+def _fusable(op, x, layers, norm=None, rows_any_shape=False) -> bool:
+    if not route(op) or not all(_plain(m) for m in layers):
+        return False
+    if x.size // gpu.in_features(layers[0]["weight"], layers[0].bits) > gpu.QMV_MAX_M:
         return False
     if norm is not None and (_rms(norm) is None or norm.weight.dtype != x.dtype):
         return False
     first = layers[0]
     return all((m.bits, m.group_size, m.mode) == (first.bits, first.group_size, first.mode)
-               and gpu.supports_affine(x, m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, m.mode)
+               and gpu.supports_affine(x, m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, m.mode,
+                                       rows_any_shape)
                for m in layers)
 
 
@@ -256,11 +260,11 @@ def prepare_rope(rope) -> None:
         rope.__dict__["_jang_inv_freq"] = inv
 
 
-def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
+def qkv(x, projections, norm, rope=None, head_dim=None, offset=None, shapes=None):
     """The three projections of norm(x) in one launch, or None where it does not apply.
     With rope (an mlx-lm rope module, the heads' size and the position as an array):
     (q, k, v, True) with q and k already rotated where the kernel covers that rope,
-    else (q, k, v, False)."""
+    else (q, k, v, False). shapes: the outputs' shapes if not (..., N) (gpu._multi_shapes)."""
     mats = [_arrays(p) for p in projections]
     if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok(mats):
         return None
@@ -271,14 +275,17 @@ def qkv(x, projections, norm, rope=None, head_dim=None, offset=None):
                                       else gpu.multi_rows_ok(mats, head_dim)):
         rope_args = None
     fused = gpu.qmv_tc_multi if tc else gpu.qmv_multi
-    q, k, v = fused(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args)
+    q, k, v = fused(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args, shapes=shapes)
     return q, k, v, rope_args is not None
 
 
 def linear_residual(x, layer, resid):
-    """resid + layer(x) in one launch, or None where it does not apply."""
-    if (not _fusable("fused_decode", x, (layer,)) or resid.shape[-1] != layer["weight"].shape[0]
-            or resid.dtype != x.dtype):
+    """resid + layer(x) in one launch, or None where it does not apply. x may hold its
+    rows in another shape than resid's (attention's (B, H, 1, D) output for o_proj's
+    (B, 1, H * D) input: the kernel reads x flat), saving a reshape node."""
+    if (not _fusable("fused_decode", x, (layer,), rows_any_shape=True) or resid.shape[-1] != layer["weight"].shape[0]
+            or resid.dtype != x.dtype
+            or x.size // gpu.in_features(layer["weight"], layer.bits) != resid.size // resid.shape[-1]):
         return None
     return _gemv(x, *_arrays(layer), layer.group_size, layer.bits, resid=resid)
 

@@ -40,10 +40,22 @@ def supports_weights(w, scales, biases, group_size, bits, mode="affine") -> bool
             and scales.dtype in HALF and w.ndim == 2 and (w.shape[-1] * 32 // bits) % 32 == 0)
 
 
-def supports_affine(x, w, scales, biases, group_size, bits, mode="affine") -> bool:
-    """supports_weights, and activations of the scales' dtype that match the rows."""
+def supports_affine(x, w, scales, biases, group_size, bits, mode="affine", rows_any_shape=False) -> bool:
+    """supports_weights, and activations of the scales' dtype that match the rows (x's
+    last axis; with rows_any_shape, whole rows in any shape: the GEMVs read x flat)."""
+    K = w.shape[-1] * 32 // bits
     return (supports_weights(w, scales, biases, group_size, bits, mode) and x.dtype == scales.dtype
-            and w.shape[-1] * 32 // bits == x.shape[-1])
+            and (x.size % K == 0 if rows_any_shape else K == x.shape[-1]))
+
+
+def in_features(w, bits) -> int:
+    """The row length K of a packed weight matrix."""
+    return w.shape[-1] * 32 // bits
+
+
+def _out_shape(x, N, K, resid):
+    """A GEMV's output shape: the residual's, or x's with its last axis N."""
+    return resid.shape if resid is not None else (*x.shape[:-1], N)
 
 
 def _flat(x):
@@ -93,14 +105,15 @@ def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=(), hea
 
 def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid=None):
     """Dequant + GEMV for a few tokens: x (..., K) -> (..., N). norm=(weight, eps): x is
-    RMS-normalised first; resid: added to the result (both fused into the launch)."""
+    RMS-normalised first; resid: added to the result (both fused into the launch), whose
+    shape the output then has (x may then be rows of K in any shape: supports_affine)."""
     c = QMV if config is None else {**QMV, **config}
-    N = w.shape[0]
+    N, K = w.shape[0], in_features(w, bits)
     defines, extra = _fusion_args(norm, resid)
-    kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], (N,), bits, group_size, x.dtype,
+    kern, template, grid, tg = _qmv_launch(x.size // K, (N,), bits, group_size, x.dtype,
                                            c["R"], c["U"], c["WARPS"], c["MT"], defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+                output_shapes=[_out_shape(x, N, K, resid)], output_dtypes=[x.dtype])[0]
 
 
 # Tensor-core GEMV (qmv_tc.body, CUDA only): the bit widths whose codes pair up into
@@ -164,12 +177,12 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     """qmv on the tensor cores (CUDA; qmv_tc_supported): x (..., K) -> (..., N).
     norm=(weight, eps): x is RMS-normalised first; resid: added to the result."""
     c, options = _tc_config(bits, config)
-    N, K = w.shape[0], x.shape[-1]
+    N, K = w.shape[0], in_features(w, bits)
     defines, extra = _fusion_args(norm, resid)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
                                               c["RT"], c["KS"], c["MT"], options + defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+                output_shapes=[_out_shape(x, N, K, resid)], output_dtypes=[x.dtype])[0]
 
 
 def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
@@ -199,7 +212,7 @@ def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
     return all(m[0].shape[0] % rows == 0 for m in mats)
 
 
-def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None):
+def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None, shapes=None):
     """qmv_multi on the tensor cores (CUDA; qmv_tc_supported, multi_tc_rows_ok)."""
     c, options = _tc_config(bits, config)
     Ns, K = tuple(m[0].shape[0] for m in mats), x.shape[-1]
@@ -211,7 +224,7 @@ def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
                                               c["MT"], options + ("JG_MULTI",) + defines, head_dim, bool(traditional))
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[(*x.shape[:-1], n) for n in Ns], output_dtypes=[x.dtype] * 3)
+                output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
 
 
 def multi_rows_ok(mats, head_dim=None) -> bool:
@@ -223,11 +236,22 @@ def multi_rows_ok(mats, head_dim=None) -> bool:
     return all(m[0].shape[0] % rows == 0 and (head_dim is None or m[0].shape[0] % head_dim == 0) for m in mats)
 
 
-def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None):
+def _multi_shapes(x, Ns, shapes=None):
+    """The three outputs' shapes: (..., N) each, or the given shapes of as many elements
+    (each output is written row-major, so (B, 1, H*D) may come out as (B, H, 1, D))."""
+    if shapes is None:
+        return [(*x.shape[:-1], n) for n in Ns]
+    M = x.size // x.shape[-1]
+    if [math.prod(s) for s in shapes] != [M * n for n in Ns]:
+        raise ValueError(f"output shapes {shapes} do not hold {M} rows of {Ns}")
+    return [tuple(s) for s in shapes]
+
+
+def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None, shapes=None):
     """Three GEMVs of one x in one launch (q, k and v): mats = three (w, scales, biases)
-    of the same bits and group size -> three outputs. rope=(inv_freq, offset, head_dim,
-    traditional): q and k rotated at position offset (every token of x at that one
-    position: one-token decode of a batch)."""
+    of the same bits and group size -> three outputs (of ``shapes`` if given: see
+    _multi_shapes). rope=(inv_freq, offset, head_dim, traditional): q and k rotated at
+    position offset (every token of x at that one position: one-token decode of a batch)."""
     c = QMV
     Ns = tuple(m[0].shape[0] for m in mats)
     defines, extra = _fusion_args(norm, None)
@@ -239,7 +263,7 @@ def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None):
                                            c["R"], c["U"], c["WARPS"], c["MT"], ("JG_MULTI",) + defines,
                                            head_dim, bool(traditional))
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[(*x.shape[:-1], n) for n in Ns], output_dtypes=[x.dtype] * 3)
+                output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
 
 
 def qmm(x, w, scales, biases, group_size, bits, config=None):
