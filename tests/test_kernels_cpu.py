@@ -158,3 +158,24 @@ def test_fused_mlp_falls_back_to_the_same_result_off_gpu():
     after = model(ids)
     assert mx.array_equal(before, after)
     assert all(type(layer.mlp).__name__.startswith("Fused") for layer in model.model.layers)
+
+
+def test_gemv_rows_may_come_in_another_shape():
+    """The GEMVs read x as rows of the weights' K in any shape (o_proj reads attention's
+    (B, H, 1, D) output flat); the fused q/k/v writes its outputs in given shapes of the
+    same size, and refuses shapes of another size."""
+    from jang.kernels import gpu
+
+    w = mx.zeros((64, 256 * 4 // 32), mx.uint32)  # 64 rows of K = 256 at 4 bits
+    scales = biases = mx.zeros((64, 4), mx.float16)
+    attn = mx.zeros((1, 8, 1, 32), mx.float16)  # 8 heads of 32: one row of 256
+    assert gpu.in_features(w, 4) == 256
+    assert not gpu.supports_affine(attn, w, scales, biases, 64, 4)
+    assert gpu.supports_affine(attn, w, scales, biases, 64, 4, rows_any_shape=True)
+    assert not gpu.supports_affine(attn[:, :7], w, scales, biases, 64, 4, rows_any_shape=True)
+    x = mx.zeros((2, 1, 256), mx.float16)
+    assert gpu._multi_shapes(x, (64, 32, 32)) == [(2, 1, 64), (2, 1, 32), (2, 1, 32)]
+    heads = [(2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16)]
+    assert gpu._multi_shapes(x, (64, 32, 32), heads) == heads
+    with pytest.raises(ValueError, match="do not hold"):
+        gpu._multi_shapes(x, (64, 32, 32), [(1, 4, 1, 16), *heads[1:]])

@@ -33,27 +33,27 @@ def _dialect() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
-def supports_weights(w, scales, biases, group_size, bits, mode="affine") -> bool:
-    """The quantized layouts the dequant kernels read: a 2-D affine matrix with biases,
-    16-bit scales, rows of whole 32-code chunks."""
-    return (mode == "affine" and biases is not None and bits in BITS and group_size in GROUP_SIZES
-            and scales.dtype in HALF and w.ndim == 2 and (w.shape[-1] * 32 // bits) % 32 == 0)
-
-
-def supports_affine(x, w, scales, biases, group_size, bits, mode="affine", rows_any_shape=False) -> bool:
-    """supports_weights, and activations of the scales' dtype that match the rows (x's
-    last axis; with rows_any_shape, whole rows in any shape: the GEMVs read x flat)."""
-    K = w.shape[-1] * 32 // bits
-    return (supports_weights(w, scales, biases, group_size, bits, mode) and x.dtype == scales.dtype
-            and (x.size % K == 0 if rows_any_shape else K == x.shape[-1]))
-
-
 def in_features(w, bits) -> int:
     """The row length K of a packed weight matrix."""
     return w.shape[-1] * 32 // bits
 
 
-def _out_shape(x, N, K, resid):
+def supports_weights(w, scales, biases, group_size, bits, mode="affine") -> bool:
+    """The quantized layouts the dequant kernels read: a 2-D affine matrix with biases,
+    16-bit scales, rows of whole 32-code chunks."""
+    return (mode == "affine" and biases is not None and bits in BITS and group_size in GROUP_SIZES
+            and scales.dtype in HALF and w.ndim == 2 and in_features(w, bits) % 32 == 0)
+
+
+def supports_affine(x, w, scales, biases, group_size, bits, mode="affine", rows_any_shape=False) -> bool:
+    """supports_weights, and activations of the scales' dtype that match the rows (x's
+    last axis; with rows_any_shape, whole rows in any shape: the GEMVs read x flat)."""
+    K = in_features(w, bits)
+    return (supports_weights(w, scales, biases, group_size, bits, mode) and x.dtype == scales.dtype
+            and (x.size % K == 0 if rows_any_shape else K == x.shape[-1]))
+
+
+def _out_shape(x, N, resid):
     """A GEMV's output shape: the residual's, or x's with its last axis N."""
     return resid.shape if resid is not None else (*x.shape[:-1], N)
 
@@ -113,7 +113,7 @@ def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid
     kern, template, grid, tg = _qmv_launch(x.size // K, (N,), bits, group_size, x.dtype,
                                            c["R"], c["U"], c["WARPS"], c["MT"], defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[_out_shape(x, N, K, resid)], output_dtypes=[x.dtype])[0]
+                output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
 
 # Tensor-core GEMV (qmv_tc.body, CUDA only): the bit widths whose codes pair up into
@@ -182,7 +182,7 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
                                               c["RT"], c["KS"], c["MT"], options + defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=[_out_shape(x, N, K, resid)], output_dtypes=[x.dtype])[0]
+                output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
 
 def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
@@ -285,7 +285,7 @@ def qgather(ids, w, scales, biases, group_size, bits, dtype):
     flat = ids.reshape(-1)
     if flat.dtype not in (mx.int32, mx.uint32):
         flat = flat.astype(mx.int32)
-    T, K = flat.shape[0], w.shape[-1] * 32 // bits
+    T, K = flat.shape[0], in_features(w, bits)
     k = dialect.kernel("qgather", ("ids", "w", "scales", "biases"), ("out",), _dialect())
     (y,) = k(inputs=[flat, w, scales, biases], template=[("T", dtype), ("BITS", bits), ("GS", group_size)],
              grid=(math.ceil(T * K // 32 / 256) * 256, 1, 1), threadgroup=(256, 1, 1),
