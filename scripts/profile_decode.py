@@ -6,7 +6,10 @@ the kernels that take the most GPU time per token.
 The wall time per token of a pipelined decode is about max(build + encode, GPU), where
 encode is the time of the async_eval call (MLX encoding each graph node for the GPU);
 both are also timed inside the pipelined loop, and the graph's nodes are counted.
-GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]"""
+GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]
+KV_STEP=N in the environment sets mlx-lm's KVCache growth step (256): MLX's CUDA SDPA
+decodes through cuDNN only over cache buffers of a multiple of 256 positions, and through
+its own vector kernel otherwise, so KV_STEP=320 profiles the other attention path."""
 
 import json
 import sys
@@ -101,6 +104,11 @@ def profile(model, steps=16):
 
 
 def main():
+    import os
+
+    from mlx_lm.models.cache import KVCache
+
+    KVCache.step = int(os.environ.get("KV_STEP", KVCache.step))
     out = sys.argv[1] if len(sys.argv) > 1 else None
     name = sys.argv[2] if len(sys.argv) > 2 else "llama-3-8b"
     configs = sys.argv[3:] or ["", "compiled_decode", "compiled_decode,swiglu", "compiled_decode,swiglu,qmv"]
@@ -117,7 +125,8 @@ def main():
             del model
         print(rows[-1], flush=True)
     if out:
-        Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "rows": rows}, indent=1))
+        Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": KVCache.step,
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
