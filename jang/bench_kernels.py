@@ -11,6 +11,7 @@ import json
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -418,13 +419,32 @@ def bytes_per_token(model, context: int) -> int:
     return total
 
 
+KV_STEP = "kv_step="  # a config item that is not a route: the KV cache's growth step
+
+
+@contextmanager
+def kv_cache_step(step=None):
+    """mlx-lm's KVCache growing in steps of ``step`` positions (256 as shipped) for the
+    duration. MLX's CUDA attention decodes through cuDNN over buffers of a multiple of
+    256 positions and through its own vector kernel otherwise (docs/kernels.md)."""
+    from mlx_lm.models.cache import KVCache
+
+    saved = KVCache.step
+    KVCache.step = step or saved
+    try:
+        yield
+    finally:
+        KVCache.step = saved
+
+
 def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128,
                configs=("",), rounds=3) -> dict:
     """mlx-lm's ops vs JANG on one model, once per config: a comma-separated set of
     routes to turn on ("qmv") or off ("compiled_decode=off") against kernels.ROUTES
-    ("" = the defaults, as a user gets them). Decode is bound by host work, which
-    drifts on a shared machine, so every model is built once and the runs alternate
-    for `rounds` rounds; each figure is the median over the rounds."""
+    ("" = the defaults, as a user gets them), and optionally "kv_step=N" (the KV cache's
+    growth step for that config's runs; mlx-lm's runs keep 256). Decode is bound by host
+    work, which drifts on a shared machine, so every model is built once and the runs
+    alternate for `rounds` rounds; each figure is the median over the rounds."""
     import statistics
 
     from . import kernels
@@ -437,18 +457,20 @@ def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512,
     rows = []
     for name in models:
         for b in bits:
-            contenders = {"mlx-lm": (random_llama(name, b), ())}
+            contenders = {"mlx-lm": (random_llama(name, b), (), None)}
             nbytes = bytes_per_token(contenders["mlx-lm"][0], prompt_len + new_tokens // 2)
             for config in configs:
-                ops = tuple(op for op in config.split(",") if op)
+                items = [op for op in config.split(",") if op]
+                ops = tuple(op for op in items if not op.startswith(KV_STEP))
+                step = next((int(op[len(KV_STEP):]) for op in items if op.startswith(KV_STEP)), None)
                 with kernels.enabled(ops):
                     model = random_llama(name, b)
                     adopt_all(model)
-                contenders[config or "default"] = (model, ops)
+                contenders[config or "default"] = (model, ops, step)
             runs = {key: [] for key in contenders}
             for _ in range(rounds):
-                for key, (model, ops) in contenders.items():
-                    with kernels.enabled(ops):
+                for key, (model, ops, step) in contenders.items():
+                    with kernels.enabled(ops), kv_cache_step(step):
                         runs[key].append(decode_speed(model, prompt_len, new_tokens))
             del contenders
             # copy_bandwidth counts the bytes read and written; a stream that only reads

@@ -259,7 +259,8 @@ def build_parser():
     d.add_argument("--tokens", type=int, default=128)
     d.add_argument("--configs", nargs="*", default=[""],
                    help="JANG runs, each a comma-separated set of routes turned on ('qmv') or off "
-                        "('compiled_decode=off') against the defaults; '' = the defaults")
+                        "('compiled_decode=off') against the defaults, optionally with the KV cache's "
+                        "growth step ('kv_step=320': MLX's vector attention instead of cuDNN); '' = the defaults")
     d.set_defaults(func=cmd_bench_decode)
     return parser
 

@@ -113,3 +113,22 @@ def test_merge_keeps_first_row_per_option_and_rebuilds_the_tables():
     assert merged["command"].count("jang bench quality") == 2
     with pytest.raises(JangError, match="eval_tokens"):
         bench.merge_results([a, {**b, "eval_tokens": 2048}])
+
+
+def test_kv_cache_step_for_a_decode_config():
+    """`jang bench decode --configs kv_step=320`: the KV cache grows in steps of 320 for
+    that config's runs (MLX's vector attention instead of cuDNN on CUDA), then 256 again."""
+    from mlx_lm.models.cache import KVCache
+
+    from jang.bench_kernels import kv_cache_step
+
+    def grown():
+        cache = KVCache()
+        cache.update_and_fetch(mx.zeros((1, 2, 1, 8)), mx.zeros((1, 2, 1, 8)))
+        return cache.keys.shape[2]
+
+    with kv_cache_step(320):
+        assert grown() == 320
+    assert grown() == 256
+    with kv_cache_step(None):
+        assert grown() == 256
