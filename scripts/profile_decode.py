@@ -7,9 +7,10 @@ The wall time per token of a pipelined decode is about max(build + encode, GPU),
 encode is the time of the async_eval call (MLX encoding each graph node for the GPU);
 both are also timed inside the pipelined loop, and the graph's nodes are counted.
 GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]
-KV_STEP=N in the environment sets mlx-lm's KVCache growth step (256; `jang bench decode` takes "kv_step=N" in a config): MLX's CUDA SDPA
-decodes through cuDNN only over cache buffers of a multiple of 256 positions, and through
-its own vector kernel otherwise, so KV_STEP=320 profiles the other attention path."""
+KV_STEP=N in the environment sets mlx-lm's KVCache growth step (256; `jang bench decode`
+takes "kv_step=N" in a config): MLX's CUDA SDPA decodes through cuDNN only over cache
+buffers of a multiple of 256 positions, and through its own vector kernel otherwise, so
+KV_STEP=320 profiles the other attention path."""
 
 import json
 import sys
