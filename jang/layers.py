@@ -6,6 +6,8 @@ only the forward pass is routed through ``jang.kernels`` so fused kernels can
 take over per backend.
 """
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
@@ -355,8 +357,6 @@ class _DecodeChain:
 
         def last(x, attn_out):
             return self.norm(layers[-1]._jang_post(x, attn_out))
-
-        from functools import partial
 
         links = [mx.compile(partial(link, a, b)) for a, b in zip(layers, layers[1:])]
         return mx.compile(first), links, mx.compile(last)
