@@ -104,18 +104,10 @@ def profile(model, steps=16):
                             for name, (us, n) in top]}
 
 
-def main():
-    import os
-
-    from mlx_lm.models.cache import KVCache
-
-    KVCache.step = int(os.environ.get("KV_STEP", KVCache.step))
-    out = sys.argv[1] if len(sys.argv) > 1 else None
-    name = sys.argv[2] if len(sys.argv) > 2 else "llama-3-8b"
-    configs = sys.argv[3:] or ["", "compiled_decode", "compiled_decode,swiglu", "compiled_decode,swiglu,qmv"]
-    rows = []
+def profile_configs(name: str, configs) -> list:
+    """mlx-lm's row, then one row per JANG config, each on a freshly built model."""
     model = bk.random_llama(name, 4)
-    rows.append({"config": "mlx-lm", **profile(model)})
+    rows = [{"config": "mlx-lm", **profile(model)}]
     print(rows[-1], flush=True)
     del model
     for config in configs:
@@ -125,10 +117,23 @@ def main():
             rows.append({"config": config or "default", **profile(model)})
             del model
         print(rows[-1], flush=True)
-    if out:
-        Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": KVCache.step,
-                                         "rows": rows}, indent=1))
+    return rows
 
+
+def main():
+    import os
+
+    from mlx_lm.models.cache import KVCache
+
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    name = sys.argv[2] if len(sys.argv) > 2 else "llama-3-8b"
+    configs = sys.argv[3:] or ["", "compiled_decode", "compiled_decode,swiglu", "compiled_decode,swiglu,qmv"]
+    with bk.kv_cache_step(int(os.environ["KV_STEP"]) if os.environ.get("KV_STEP") else None):
+        step = KVCache.step
+        rows = profile_configs(name, configs)
+    if out:
+        Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": step,
+                                         "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()
