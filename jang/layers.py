@@ -257,10 +257,9 @@ class _CompiledDecode:
         projections = (a.q_proj, a.k_proj, a.v_proj)
         qk_norms = [getattr(a, f"{n}_norm", None) for n in "qk"]  # qwen3 normalises heads before RoPE
         rope = a.rope if qk_norms == [None, None] else None
-        head_dim = a.q_proj["weight"].shape[0] // a.n_heads
         shapes = [(B, n, 1, p["weight"].shape[0] // n) for p, n in zip(projections, heads)]
-        # norm + 3 GEMVs (+ RoPE of q and k) in one launch
-        fused = kernels.qkv(x, projections, self.input_layernorm, rope, head_dim, offset, shapes)
+        # norm + 3 GEMVs (+ RoPE of q and k, whose heads are q's) in one launch
+        fused = kernels.qkv(x, projections, self.input_layernorm, rope, shapes[0][-1], offset, shapes)
         if fused is None:
             h = self.input_layernorm(x)
             q, k, v = (p(h).reshape(B, n, 1, -1) for p, n in zip(projections, heads))
