@@ -39,6 +39,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import utils as mlx_utils
 
+from jang import coherence
 from jang.calibration import calibration_chunks
 from jang.convert import resolve_source
 from jang.data import paragraphs
@@ -61,11 +62,8 @@ def end_tokens(tokenizer) -> dict:
 
 
 def prompt_ids(tokenizer, prompts=DEGENERATION_PROMPTS) -> list:
-    out = []
-    for p in prompts:
-        framed = chat_prompt(tokenizer, p)[0]
-        out.append(framed if isinstance(framed, list) else tokenizer.encode(framed))
-    return out
+    """Each prompt's ids in the degeneration check's frame, as its generation sees them."""
+    return [coherence.prompt_ids(tokenizer, chat_prompt(tokenizer, p)[0]) for p in prompts]
 
 
 def first_token_probs(model, prompts) -> mx.array:
