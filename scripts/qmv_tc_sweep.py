@@ -3,9 +3,10 @@
 MLX's quantized_matmul, the CUDA-core kernel and qmv_tc at several RT / KS / options,
 then qmv_tc against the fp32 reference. Writes $OUT/probe_tc.json (or /tmp).
 
-    python scripts/qmv_tc_sweep.py
+    python scripts/qmv_tc_sweep.py                 # RT / KS with and without stream
+    python scripts/qmv_tc_sweep.py --configs '{"4": [{"RT": 1, "KS": 4, "stream": false}], "2:bf16": [...]}'
 """
-import json, os, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,11 +47,27 @@ def chain_time(op, x, sets, n=64):
     t0 = time.perf_counter(); mx.eval(run()); mx.synchronize(); wall = (time.perf_counter() - t0) / n * 1e6
     return best, wall, {k[:60]: round(v / n, 2) for k, v in names.items()}
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--configs", help="JSON {\"BITS\" or \"BITS:bf16\": [qmv_tc config, ...]} instead of SWEEP")
+args = ap.parse_args()
+SWEEP = [{"RT": RT, "KS": KS, "MT": 1, "stream": stream}
+            for RT, KS in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8)) for stream in (False, True)]
+DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16}
+# keys "BITS" or "BITS:bf16"
+configs = ({(int(k.split(":")[0]), DTYPES[(k.split(":") + ["fp16"])[1]]): cs for k, cs in json.loads(args.configs).items()}
+           if args.configs else {(4, mx.float16): SWEEP, (2, mx.float16): SWEEP})
+
+PARITY = [{"RT": 1, "KS": 4, "MT": 2, "stream": False}, {"RT": 1, "KS": 4, "MT": 2},
+          {"RT": 2, "KS": 2, "MT": 2, "CH": 4}]
+
+def name_of(cfg):
+    return "tc " + " ".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())
+
 copy = bk.copy_bandwidth() / 1e9
 print("copy GB/s", round(copy))
 res["copy_GBps"] = copy
 N = K = 8192
-for dt, bits in ((mx.float16, 4), (mx.float16, 2)):
+for bits, dt in configs:
     sets = bk._rotating(bk._random_quantized(N, K, 64, bits, dt))
     nbytes = bk._nbytes(*sets[0]) + K * 2 + N * 2
     x = mx.random.normal((1, K)).astype(dt)
@@ -58,15 +75,12 @@ for dt, bits in ((mx.float16, 4), (mx.float16, 2)):
     rows.append(("mlx",) + chain_time(lambda v, s: reference.quantized_matmul(v, *s, 64, bits), x, sets))
     R = 4 if bits == 4 else 2
     rows.append((f"old R{R}",) + chain_time(lambda v, s: gpu.qmv(v, *s, 64, bits, {"R": R}), x, sets))
-    for RT, KS in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8)):
-        for alu in (False, True):
-            cfg = {"RT": RT, "KS": KS, "MT": 1, "prefetch": False, "alu_sums": alu}
-            rows.append((f"tc RT{RT} KS{KS} alu{int(alu)}",) + chain_time(lambda v, s: gpu.qmv_tc(v, *s, 64, bits, cfg), x, sets))
-            print(rows[-1][:3], flush=True)
-    cfg = {"RT": 1, "KS": 4, "MT": 1, "prefetch": True}
-    rows.append(("tc RT1 KS4 prefetch",) + chain_time(lambda v, s: gpu.qmv_tc(v, *s, 64, bits, cfg), x, sets))
+    for cfg in configs[bits, dt]:
+        cfg = {"MT": 1, **cfg}
+        rows.append((name_of(cfg),) + chain_time(lambda v, s: gpu.qmv_tc(v, *s, 64, bits, cfg), x, sets))
+        print(rows[-1][:3], flush=True)
     for name, g, w, names in rows:
-        line = f"{str(dt)[-7:]} {bits}bit {name:14s} gpu {g:7.1f} us  {nbytes / g / 1e3:6.0f} GB/s  wall {w:7.1f}  {names}"
+        line = f"{str(dt).split('.')[-1]} {bits}bit {name:14s} gpu {g:7.1f} us  {nbytes / g / 1e3:6.0f} GB/s  wall {w:7.1f}  {names}"
         print(line, flush=True)
         json.dump(res, open(os.path.join(out_dir, "probe_tc.json"), "w"), indent=1, default=str)
         res["timing"].append([str(dt), bits, name, g, nbytes / g / 1e3, w, names])
@@ -74,13 +88,16 @@ for dt, bits in ((mx.float16, 4), (mx.float16, 2)):
 cases = [(mx.float16, 4, 32), (mx.float16, 4, 64), (mx.float16, 4, 128), (mx.float16, 2, 64), (mx.float16, 8, 64),
          (mx.bfloat16, 4, 64), (mx.bfloat16, 2, 128)]
 for dt, bits, gs in cases:
-    for (n, k, ms) in ((200, 640, (1,)), (384, 4096, (3,))):
+    shapes = ((200, 640, (1,)), (384, 4096, (3,))) if not args.configs else ((384, 4096, (3,)), (96, 4160, (2,)))
+    for (n, k, ms) in shapes:  # 4160: an odd number of groups at 64
+        if k % gs:
+            continue
         mx.random.seed(bits * 7 + gs)
         wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dt), group_size=gs, bits=bits)
         for m in ms:
             x = mx.random.normal((m, k)).astype(dt)
             r = ref(x, wq, s, b, gs, bits)
-            for cfg in ({"RT": 1, "KS": 4, "MT": 2, "alu_sums": False}, {"RT": 1, "KS": 4, "MT": 2, "alu_sums": True}):
+            for cfg in PARITY:
                 try:
                     e = rel(gpu.qmv_tc(x, wq, s, b, gs, bits, cfg), r)
                 except Exception as ex:

@@ -120,20 +120,20 @@ def qmv(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid
 # 16-bit floats with one and-or (see src/cuda.inc), per activation dtype.
 QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # Launch shape (docs/kernels.md, H100 sweep of 8192x8192): 16-row tiles per warp (RT),
-# warps per block sharing K (KS), tokens per block (MT); per bit width where the
-# winner differs. prefetch (load the next run's words during this one) and alu_sums
-# (the group sums of x on the CUDA cores instead of a second mma) measured no faster.
+# warps per block sharing K (KS), tokens per block (MT), accumulator chains per tile
+# (CH); per bit width where the winner differs. stream: the weights' loads bypass L1 and
+# ask L2 for 256 bytes (src/cuda.inc jg_tc_load_stream).
 # KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
 # sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
 # rows would otherwise leave the GPU with too few warps to keep loads in flight.
-QMV_TC = {"RT": 1, "KS": None, "MT": 2, "prefetch": False, "alu_sums": False}
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True}
 QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
 # At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
 # H100 ("too many resources requested for launch": registers), and the 8192x8192
 # sweep never chose 16.
 QMV_TC_MAX_KS = 8
-QMV_TC_OPTIONS = {"prefetch": "JG_TC_PREFETCH", "alu_sums": "JG_TC_ALU_SUMS"}  # config key -> macro
+QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM"}  # config key -> macro
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 # A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
 # there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
@@ -146,7 +146,7 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, defines=(), head_dim=0, traditional=False):
+def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
     of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them)."""
     mt = min(MT, M)
@@ -156,7 +156,7 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, defines=(), he
     if KS is None:
         KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * RT / tiles))))
     ks = max(1, min(KS, QMV_TC_MAX_KS, runs))
-    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt)]
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt), ("CH", CH)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
@@ -180,7 +180,7 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     N, K = w.shape[0], in_features(w, bits)
     defines, extra = _fusion_args(norm, resid)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              c["RT"], c["KS"], c["MT"], options + defines)
+                                              c["RT"], c["KS"], c["MT"], c["CH"], options + defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
@@ -193,7 +193,7 @@ def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
     N, K = gate[0].shape[0], x.shape[-1]
     defines, extra = _fusion_args(norm, None)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              RT, c["KS"], c["MT"], options + ("JG_SWIGLU",) + defines)
+                                              RT, c["KS"], c["MT"], c["CH"], options + ("JG_SWIGLU",) + defines)
     return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
@@ -222,7 +222,8 @@ def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None
         inv_freq, offset, head_dim, traditional = rope
         defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
-                                              c["MT"], options + ("JG_MULTI",) + defines, head_dim, bool(traditional))
+                                              c["MT"], c["CH"], options + ("JG_MULTI",) + defines, head_dim,
+                                              bool(traditional))
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
 
