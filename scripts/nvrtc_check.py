@@ -4,12 +4,28 @@ spending GPU time. Needs NVRTC + CUDA headers + MLX's device headers:
 
     NVRTC_ROOT=/path/with/nvidia/cu13  MLX_INC=/path/with/mlx/backend/cuda/device  python scripts/nvrtc_check.py
 
+With --sass it also builds each kernel for sm_90a and prints what the H100 would run:
+registers per thread, local (spill) bytes, and the SASS instruction mix by opcode
+(static counts, through nvdisasm), optionally with template values changed:
+
+    NVDISASM=/path/to/nvdisasm python scripts/nvrtc_check.py --sass qmv_tc BITS=2 RT=2 KS=8
+
+Use the NVRTC MLX's CUDA build runs with: the H100 machine has CUDA 13.0, and NVRTC
+13.0.88 (`pip download --no-deps nvidia-cuda-nvrtc==13.0.88`) reproduces its code
+(70 registers for session 4's 4-bit qmv_tc, as ncu reported; NVRTC 13.5 fuses an
+and/or pair that 13.0 leaves as two LOP3s). nvdisasm: `nvidia-cuda-nvdisasm` wheel.
+
 Not part of CI (the NVRTC wheel is ~60 MB); the GPU tests are the real check.
 """
 
+import collections
 import ctypes
 import os
+import re
+import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,10 +42,10 @@ KERNELS = {
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
     "qmv_tc": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
                "using T = __half; constexpr int BITS = 4; constexpr int GS = 64; constexpr int RT = 2; "
-               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 4;"),
+               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2;"),
     "qmv_tc_bf16_2bit": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
                          "using T = __nv_bfloat16; constexpr int BITS = 2; constexpr int GS = 128; constexpr int RT = 1; "
-                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 2;"),
+                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4;"),
     "qmm": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
             "using T = __nv_bfloat16; constexpr int BITS = 5; constexpr int GS = 32; constexpr int WM = 2; "
             "constexpr int WN = 2; constexpr int FM = 2; constexpr int FN = 2;"),
@@ -89,11 +105,19 @@ def source(name):
             + "\n}\n}\n")
 
 
-def compile_one(lib, name):
-    src = source(name).encode()
+def compile_one(lib, name, template=None, cubin=False):
+    """Compile kernel ``name`` (template values overridden by ``template``); with
+    ``cubin`` for sm_90a and return the cubin's bytes (None on failure), else print ok /
+    FAILED and return whether it compiled."""
+    src = source(name)
+    for key, value in (template or {}).items():
+        src, n = re.subn(rf"constexpr int {key} = \d+;", f"constexpr int {key} = {value};", src)
+        if n == 0:
+            raise SystemExit(f"{name} has no template value {key}")
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, f"{name}.cu".encode(), 0, None, None) == 0
-    opts = [b"--device-as-default-execution-space", b"--gpu-architecture=compute_90a", b"-std=c++17",
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None) == 0
+    arch = b"--gpu-architecture=sm_90a" if cubin else b"--gpu-architecture=compute_90a"
+    opts = [b"--device-as-default-execution-space", arch, b"-std=c++17",
             f"--include-path={ROOT / 'include'}".encode(), f"--include-path={CCCL}".encode(),
             f"--include-path={MLX_INC}".encode()]
     arr = (ctypes.c_char_p * len(opts))(*opts)
@@ -103,15 +127,74 @@ def compile_one(lib, name):
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
     text = log.value.decode(errors="replace").strip()
+    if cubin:
+        if rc != 0:
+            print(f"{name}: FAILED\n{text[:4000]}")
+            return None
+        size = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, buf)
+        return buf.raw
     print(f"{name}: {'ok' if rc == 0 else 'FAILED'}")
     if text:
         print(text[:4000])
     return rc == 0
 
 
+EIATTR_REGCOUNT = 0x2F  # in the cubin's .nv.info section: (format 4, attribute, size, function, count)
+
+
+def cubin_facts(cubin: bytes) -> dict:
+    """Registers per thread and local-memory bytes of the one kernel in an ELF cubin."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    facts = {"local_bytes": 0}
+    for name_off, _, _, _, off, size, *_ in sections:
+        name = cubin[names_at + name_off:cubin.index(b"\0", names_at + name_off)].decode()
+        if name == ".nv.info":
+            i = off
+            while i < off + size:
+                fmt, attr = cubin[i], cubin[i + 1]
+                length = struct.unpack_from("<H", cubin, i + 2)[0] if fmt == 4 else 0
+                if fmt == 4 and attr == EIATTR_REGCOUNT:
+                    facts["registers"] = struct.unpack_from("<II", cubin, i + 4)[1]
+                i += 4 + length
+        elif name.startswith(".nv.local."):
+            facts["local_bytes"] = size
+    return facts
+
+
+def sass_mix(cubin: bytes) -> collections.Counter:
+    """Static SASS instruction counts by opcode (nvdisasm from $NVDISASM or the PATH)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.environ.get("NVDISASM", "nvdisasm"), "-c", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text, flags=re.M)
+    return collections.Counter(ops)
+
+
 def main():
+    for builtins in sorted((ROOT / "lib").glob("libnvrtc-builtins.so.*")):  # found without LD_LIBRARY_PATH
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(ROOT / "lib" / "libnvrtc.so.13"))
-    names = sys.argv[1:] or [*KERNELS, *VARIANTS]
+    args = sys.argv[1:]
+    if args[:1] == ["--sass"]:
+        names = [a for a in args[1:] if "=" not in a] or [*KERNELS, *VARIANTS]
+        template = dict(a.split("=") for a in args[1:] if "=" in a)
+        for name in names:
+            cubin = compile_one(lib, name, template, cubin=True)
+            if cubin is None:
+                sys.exit(1)
+            mix = sass_mix(cubin)
+            print(f"{name} {template or ''}: {cubin_facts(cubin)}, {sum(mix.values())} instructions;",
+                  ", ".join(f"{op} {n}" for op, n in mix.most_common(12)))
+        return
+    names = args or [*KERNELS, *VARIANTS]
     ok = all([compile_one(lib, n) for n in names])
     sys.exit(0 if ok else 1)
 
