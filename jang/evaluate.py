@@ -241,17 +241,23 @@ def for_generation(model):
     return model
 
 
-def degeneration_report(model, tokenizer, max_tokens: int = 48, prompts=None, salad=None) -> dict:
+def degeneration_report(model, tokenizer, max_tokens: int = 48, prompts=None, salad=None,
+                        sampler=None, seeds=(None,)) -> dict:
     """Greedy generations for DEGENERATION_PROMPTS, each scored by degeneration_scores;
     with ``salad`` (a jang.coherence.SaladCheck on the float model) word salad too.
-    ``fraction`` is the share of prompts flagged degenerate."""
+    With ``sampler`` (mlx_lm.sample_utils.make_sampler) one sampled generation per prompt
+    and seed instead. ``fraction`` is the share of generations flagged degenerate."""
     from mlx_lm.generate import generate
 
     prompts = DEGENERATION_PROMPTS if prompts is None else prompts
     outputs = []
     for prompt in prompts:
         framed, stops = chat_prompt(tokenizer, prompt)
-        outputs.append((prompt, cut(generate(model, tokenizer, framed, max_tokens=max_tokens), stops)))
+        for seed in seeds:
+            if seed is not None:
+                mx.random.seed(seed)
+            outputs.append((prompt, cut(generate(model, tokenizer, framed, max_tokens=max_tokens, sampler=sampler),
+                                        stops)))
     return scored_report(outputs, tokenizer, max_tokens, salad)
 
 

@@ -21,35 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import generate
 from mlx_lm.sample_utils import make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jang.bench import Bench, measured_avg_bits, mlx_uniform  # noqa: E402
 from jang.convert import resolve_source  # noqa: E402
-from jang.evaluate import DEGENERATION_PROMPTS, chat_prompt, cut, for_evaluation, scored_report  # noqa: E402
+from jang.evaluate import DEGENERATION_PROMPTS, degeneration_report, for_evaluation  # noqa: E402
 from jang.quantize import quantize  # noqa: E402
-
-
-def sampled_outputs(model, tokenizer, max_tokens, temp, top_p, seeds) -> list:
-    """(prompt, text) for every prompt and seed, sampled at temp / top_p."""
-    sampler = make_sampler(temp=temp, top_p=top_p)
-    outputs = []
-    for prompt in DEGENERATION_PROMPTS:
-        framed, stops = chat_prompt(tokenizer, prompt)
-        for seed in seeds:
-            mx.random.seed(seed)
-            outputs.append((prompt, cut(generate(model, tokenizer, framed, max_tokens=max_tokens, sampler=sampler), stops)))
-    return outputs
 
 
 def study(bench: Bench, name: str, model, args) -> dict:
     t0 = time.time()
     model = for_evaluation(model)
     greedy = bench.generations(model)
-    sampled = scored_report(sampled_outputs(model, bench.tokenizer, args.max_tokens, args.temp, args.top_p,
-                                            range(args.seeds)), bench.tokenizer, args.max_tokens, bench.salad())
+    sampled = degeneration_report(model, bench.tokenizer, args.max_tokens, salad=bench.salad(),
+                                  sampler=make_sampler(temp=args.temp, top_p=args.top_p), seeds=range(args.seeds))
     print(f"{name:<36} greedy flagged {greedy['fraction']:.2f}  sampled flagged {sampled['fraction']:.2f} "
           f"(salad {sampled['salad_fraction']:.2f})  {time.time() - t0:.0f}s", flush=True)
     return {"name": name, "greedy": greedy, "sampled": sampled}

@@ -135,5 +135,6 @@ def main():
         Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": step,
                                          "rows": rows}, indent=1))
 
+
 if __name__ == "__main__":
     main()

@@ -87,9 +87,10 @@ for bits, dt in configs:
     del sets
 cases = [(mx.float16, 4, 32), (mx.float16, 4, 64), (mx.float16, 4, 128), (mx.float16, 2, 64), (mx.float16, 8, 64),
          (mx.bfloat16, 4, 64), (mx.bfloat16, 2, 128)]
+# 640: 10 groups of 64, a partial last run of 8; 4160: 65 groups of 64, an odd number
+shapes = ((200, 640, (1,)), (384, 4096, (3,)), (96, 4160, (2,)))
 for dt, bits, gs in cases:
-    shapes = ((200, 640, (1,)), (384, 4096, (3,))) if not args.configs else ((384, 4096, (3,)), (96, 4160, (2,)))
-    for (n, k, ms) in shapes:  # 4160: an odd number of groups at 64
+    for (n, k, ms) in shapes:
         if k % gs:
             continue
         mx.random.seed(bits * 7 + gs)

@@ -194,6 +194,20 @@ def test_degeneration_report_uses_the_chat_template(smollm2):
 
 
 @pytest.mark.real
+def test_degeneration_report_samples_one_generation_per_seed(smollm2):
+    """With a sampler, each prompt is generated once per seed; a seed gives the same text again."""
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tok = smollm2
+    sampler = make_sampler(temp=1.0)
+    r = ev.degeneration_report(model, tok, max_tokens=12, prompts=ev.DEGENERATION_PROMPTS[:1], sampler=sampler,
+                               seeds=(0, 1, 0))
+    assert r["n"] == 3 and [o["prompt"] for o in r["outputs"]] == [ev.DEGENERATION_PROMPTS[0]] * 3
+    texts = [o["output"] for o in r["outputs"]]
+    assert texts[0] == texts[2]
+
+
+@pytest.mark.real
 def test_eval_command(tmp_path, smollm2_float, smollm2_2m, capsys, monkeypatch):
     """jang eval on a JANG_2M folder: the reference defaults to the source in jang_config.json;
     generation runs through the quantized layers."""
