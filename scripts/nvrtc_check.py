@@ -42,10 +42,10 @@ KERNELS = {
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
     "qmv_tc": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
                "using T = __half; constexpr int BITS = 4; constexpr int GS = 64; constexpr int RT = 2; "
-               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2;"),
+               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2; constexpr int ST = 2;"),
     "qmv_tc_bf16_2bit": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
                          "using T = __nv_bfloat16; constexpr int BITS = 2; constexpr int GS = 128; constexpr int RT = 1; "
-                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4;"),
+                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4; constexpr int ST = 2;"),
     "qmm": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
             "using T = __nv_bfloat16; constexpr int BITS = 5; constexpr int GS = 32; constexpr int WM = 2; "
             "constexpr int WN = 2; constexpr int FM = 2; constexpr int FN = 2;"),
@@ -75,6 +75,9 @@ VARIANTS.update({
     "qmv_tc_swiglu_norm": ("qmv_tc", ("JG_SWIGLU", "JG_NORM"),
                            [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_stream": ("qmv_tc", ("JG_TC_STREAM",), [], []),
+    "qmv_tc_ring": ("qmv_tc", ("JG_TC_RING",), [], []),
+    "qmv_tc_ring_swiglu_norm": ("qmv_tc", ("JG_TC_RING", "JG_SWIGLU", "JG_NORM"),
+                                [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
                                _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
 })
@@ -146,7 +149,8 @@ EIATTR_REGCOUNT = 0x2F  # in the cubin's .nv.info section: (format 4, attribute,
 
 
 def cubin_facts(cubin: bytes) -> dict:
-    """Registers per thread and local-memory bytes of the one kernel in an ELF cubin."""
+    """Registers per thread, local-memory (spill) bytes and static shared-memory bytes
+    of the one kernel in an ELF cubin."""
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
@@ -164,6 +168,8 @@ def cubin_facts(cubin: bytes) -> dict:
                 i += 4 + length
         elif name.startswith(".nv.local."):
             facts["local_bytes"] = size
+        elif name.startswith(".nv.shared.") and not name.startswith(".nv.shared.reserved"):
+            facts["shared_bytes"] = size
     return facts
 
 
