@@ -42,10 +42,10 @@ KERNELS = {
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
     "qmv_tc": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
                "using T = __half; constexpr int BITS = 4; constexpr int GS = 64; constexpr int RT = 2; "
-               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2; constexpr int ST = 2;"),
+               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2;"),
     "qmv_tc_bf16_2bit": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
                          "using T = __nv_bfloat16; constexpr int BITS = 2; constexpr int GS = 128; constexpr int RT = 1; "
-                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4; constexpr int ST = 2;"),
+                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4;"),
     "qmm": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
             "using T = __nv_bfloat16; constexpr int BITS = 5; constexpr int GS = 32; constexpr int WM = 2; "
             "constexpr int WN = 2; constexpr int FM = 2; constexpr int FN = 2;"),
@@ -75,9 +75,6 @@ VARIANTS.update({
     "qmv_tc_swiglu_norm": ("qmv_tc", ("JG_SWIGLU", "JG_NORM"),
                            [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_stream": ("qmv_tc", ("JG_TC_STREAM",), [], []),
-    "qmv_tc_ring": ("qmv_tc", ("JG_TC_RING",), [], []),
-    "qmv_tc_ring_swiglu_norm": ("qmv_tc", ("JG_TC_RING", "JG_SWIGLU", "JG_NORM"),
-                                [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
                                _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
 })

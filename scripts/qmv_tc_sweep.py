@@ -57,8 +57,8 @@ DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16}
 configs = ({(int(k.split(":")[0]), DTYPES[(k.split(":") + ["fp16"])[1]]): cs for k, cs in json.loads(args.configs).items()}
            if args.configs else {(4, mx.float16): SWEEP, (2, mx.float16): SWEEP})
 
-PARITY = [{"RT": 1, "KS": 4, "MT": 2, "stream": False}, {"RT": 1, "KS": 4, "MT": 2, "ST": 2},
-          {"RT": 2, "KS": 2, "MT": 2, "CH": 4, "ST": 3}]
+PARITY = [{"RT": 1, "KS": 4, "MT": 2, "stream": False}, {"RT": 1, "KS": 4, "MT": 2},
+          {"RT": 2, "KS": 2, "MT": 2, "CH": 4}]
 
 def name_of(cfg):
     return "tc " + " ".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())

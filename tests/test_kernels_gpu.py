@@ -186,41 +186,6 @@ def test_qmv_tc(bits, gs, dtype):
         assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, resid=resid), ref + resid.astype(mx.float32)) < TOL[dtype]
 
 
-# the cp.async ring (config ST): 16-byte copies (4 bits g64 / g128, 2 bits g64) and
-# 8-byte ones (2 bits g32), ring depths 2 and 3
-TC_RING_CASES = [(4, 64, mx.float16, 2), (4, 128, mx.float16, 3), (2, 64, mx.float16, 3), (2, 32, mx.bfloat16, 2)]
-
-
-@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
-@pytest.mark.parametrize("bits,gs,dtype,st", TC_RING_CASES,
-                         ids=[f"{b}bit-g{g}-{'fp16' if d == mx.float16 else 'bf16'}-ST{s}" for b, g, d, s in TC_RING_CASES])
-def test_qmv_tc_ring(bits, gs, dtype, st):
-    """qmv_tc with its runs copied ahead into shared memory: the ring is really used
-    (groups a multiple of 8), fewer and more runs than ring slots, rows not a multiple
-    of the tile, with the norm, residual and SwiGLU fusions; other group counts fall
-    back to the register path."""
-    config = {"ST": st, "KS": 2}
-    for n, k, m in ((200, 8 * gs, 1), (384, 4096, 2)):
-        assert dict(gpu._qmv_tc_launch(m, (n,), k, bits, gs, dtype, 1, 2, 2, 2, st)[1])["ST"] == st
-        wq, s, b = quantized(n, k, bits, gs, dtype, seed=bits * 100 + gs + n)
-        x = (3 * mx.random.normal((m, k))).astype(dtype)
-        ref = reference_matmul(x, wq, s, b, gs, bits)
-        assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, config), ref) < TOL[dtype]
-        nw = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
-        resid = mx.random.normal((m, n)).astype(dtype)
-        ref_norm = reference_matmul(rms_norm_ref(x, nw, 1e-5), wq, s, b, gs, bits) + resid.astype(mx.float32)
-        assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, config, norm=(nw, 1e-5), resid=resid), ref_norm) < 2 * TOL[dtype]
-        x = (x / 3).astype(dtype)  # silu(gate) * up of the larger x would pass fp16's range at K 4096
-        up = quantized(n, k, bits, gs, dtype, seed=7)
-        g, u = reference_matmul(x, wq, s, b, gs, bits), reference_matmul(x, *up, gs, bits)
-        assert rel_err(gpu.swiglu_tc(x, (wq, s, b), up, gs, bits, config), g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
-    for k in (10 * gs, 65 * gs):  # a partial last run of 8 groups: no ring
-        assert dict(gpu._qmv_tc_launch(1, (96,), k, bits, gs, dtype, 1, 2, 2, 2, st)[1])["ST"] == 0
-        wq, s, b = quantized(96, k, bits, gs, dtype, seed=3)
-        x = mx.random.normal((1, k)).astype(dtype)
-        assert rel_err(gpu.qmv_tc(x, wq, s, b, gs, bits, config), reference_matmul(x, wq, s, b, gs, bits)) < TOL[dtype]
-
-
 TC_FUSION_CASES = [(4, mx.float16), (2, mx.float16), (8, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16)]
 
 

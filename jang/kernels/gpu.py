@@ -126,7 +126,7 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
 # sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
 # rows would otherwise leave the GPU with too few warps to keep loads in flight.
-QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "ST": 0, "stream": True}
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True}
 QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
 # At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
@@ -134,9 +134,6 @@ QMV_TC_WARPS = 2048
 # sweep never chose 16.
 QMV_TC_MAX_KS = 8
 QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM"}  # config key -> macro
-# ST >= 2: a ring of ST runs per warp in static shared memory (macro JG_TC_RING; at most
-# 48 KB a block, 1 KB of it left for the block's sums); KS is lowered until the ring fits.
-QMV_TC_RING_BYTES = 47 * 1024
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 # A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
 # there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
@@ -149,35 +146,17 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _ring_bytes_per_warp(bits, group_size, RT, ST, x_rows):
-    """Shared memory of one warp's ring of ST runs (qmv_tc.body): per tile 16 rows of 8
-    groups' words, scales and biases; x_rows rows of 8 groups of x (each padded 16 bytes)."""
-    return ST * (RT * 16 * 8 * (group_size * bits // 8 + 4) + x_rows * 8 * (2 * group_size + 16))
-
-
-def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, ST=0, defines=(), head_dim=0,
-                   traditional=False):
+def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
     of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them)."""
     mt = min(MT, M)
-    groups = K // group_size
-    runs = math.ceil(groups / 8)  # runs of 8 groups: the warps of a block share them out
+    runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
     per_row = 2 if "JG_SWIGLU" in defines else 1  # weight rows read per output row (gate and up)
     tiles = sum(Ns) * per_row // 16  # 16-row tiles of weights read
     if KS is None:
         KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * RT / tiles))))
     ks = max(1, min(KS, QMV_TC_MAX_KS, runs))
-    if ST and groups % 8 == 0:  # the ring copies whole runs, and rows of 8 scales in 16 bytes
-        ring = _ring_bytes_per_warp(bits, group_size, RT, ST, mt + ("JG_NORM" in defines))
-        while ks > 1 and ks * ring > QMV_TC_RING_BYTES:
-            ks //= 2
-        ST = ST if ks * ring <= QMV_TC_RING_BYTES else 0
-    else:
-        ST = 0
-    if ST:
-        defines = ("JG_TC_RING",) + defines
-    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt), ("CH", CH),
-                ("ST", ST)]
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt), ("CH", CH)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
@@ -201,7 +180,7 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     N, K = w.shape[0], in_features(w, bits)
     defines, extra = _fusion_args(norm, resid)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              c["RT"], c["KS"], c["MT"], c["CH"], c["ST"], options + defines)
+                                              c["RT"], c["KS"], c["MT"], c["CH"], options + defines)
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
@@ -214,7 +193,7 @@ def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
     N, K = gate[0].shape[0], x.shape[-1]
     defines, extra = _fusion_args(norm, None)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              RT, c["KS"], c["MT"], c["CH"], c["ST"], options + ("JG_SWIGLU",) + defines)
+                                              RT, c["KS"], c["MT"], c["CH"], options + ("JG_SWIGLU",) + defines)
     return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
@@ -243,7 +222,7 @@ def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None
         inv_freq, offset, head_dim, traditional = rope
         defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
-                                              c["MT"], c["CH"], c["ST"], options + ("JG_MULTI",) + defines, head_dim,
+                                              c["MT"], c["CH"], options + ("JG_MULTI",) + defines, head_dim,
                                               bool(traditional))
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
