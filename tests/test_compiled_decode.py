@@ -87,3 +87,42 @@ def test_compiled_decode_on_smollm2(smollm2_float, austen_text):
     assert PATHS["chain"][1](model)
     assert tokens == ref_tokens
     assert mx.allclose(logits, ref_logits, atol=1e-3, rtol=1e-3).item()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("prompt_len", (100, 256))
+def test_decode_kv_step_keeps_tokens_and_leaves_cudnn_sizes(smollm2_float, austen_text, prompt_len):
+    """Route decode_kv_step on SmolLM2-135M with real text: after a prompt that leaves
+    room in its 256-position buffer (100) or fills it (256), every decode step's KV
+    buffer holds a number of positions that is not a multiple of 256 (MLX's CUDA
+    attention then decodes with its vector kernel, not cuDNN), and the greedy tokens and
+    logits are those of mlx-lm's cache growth."""
+    from pathlib import Path
+
+    from mlx_lm import utils as mlx_utils
+
+    model, _ = mlx_utils.load_model(Path(smollm2_float))
+    nn.quantize(model, group_size=64, bits=4)
+    adopt_all(model)
+    tok = mlx_utils.load_tokenizer(Path(smollm2_float))
+    prompt = (tok.encode(austen_text) * 4)[:prompt_len]
+    assert len(prompt) == prompt_len
+    compile_decode(model)
+
+    def continuation(steps=6):
+        cache = make_prompt_cache(model)
+        out, tokens, sizes = [model(mx.array([prompt]), cache=cache)[:, -1]], [], []
+        for _ in range(steps):
+            tokens.append(mx.argmax(out[-1], -1))
+            out.append(model(tokens[-1][:, None], cache=cache)[:, -1])
+            sizes.append({c.keys.shape[2] for c in cache})
+        return mx.concatenate(out), [t.item() for t in tokens], sizes
+
+    with kernels.enabled({"compiled_decode"}):
+        ref_logits, ref_tokens, ref_sizes = continuation()
+        assert ref_sizes[0] == ({256} if prompt_len == 100 else {512})  # mlx-lm's growth: cuDNN's sizes
+        with kernels.enabled({"decode_kv_step"}):
+            logits, tokens, sizes = continuation()
+    assert all(len(s) == 1 and next(iter(s)) % 256 != 0 for s in sizes), sizes
+    assert tokens == ref_tokens
+    assert mx.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4).item()
