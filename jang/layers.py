@@ -243,8 +243,6 @@ class _CompiledDecode:
             compiled = self.__dict__["_jang_decode"] = (mx.compile(self._jang_pre), mx.compile(self._jang_post))
         pre, post = compiled
         q, k, v = pre(x, _offset_array(cache.offset))
-        if kernels.route("decode_kv_step") and _kv_needs_steer(cache):
-            _steer_kv_cache(cache)
         k, v = cache.update_and_fetch(k, v)
         attn = self.self_attn
         return post(x, scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None))
@@ -278,37 +276,6 @@ class _CompiledDecode:
         if h is None:
             h = x + self.self_attn.o_proj(attn_out.reshape(x.shape[0], 1, -1))
         return _mlp_residual(self.mlp, self.post_attention_layernorm, h)
-
-
-# MLX's CUDA attention decodes a token through cuDNN when the KV cache's buffer holds a
-# multiple of 256 positions (mlx-lm's KVCache grows in steps of 256, so always), and
-# through its own vector kernel otherwise. The cuDNN call costs ~70 us of host time per
-# layer (a CUDA graph captured per call), the step's largest host cost: so at decode
-# (route decode_kv_step) the cache grows in steps that never land on a multiple of 256.
-# Prefill keeps mlx-lm's step (cuDNN is right there). docs/kernels.md, sessions 6-8.
-CUDNN_KV_MULTIPLE = 256
-DECODE_KV_STEPS = (320, 384)  # the first whose new buffer length is not a multiple of 256
-
-
-def _kv_needs_steer(cache: KVCache) -> bool:
-    """Whether _steer_kv_cache has work: a buffer of a multiple of 256, or a full one."""
-    keys = cache.keys
-    return keys is not None and (keys.shape[2] % CUDNN_KV_MULTIPLE == 0 or keys.shape[2] == cache.offset)
-
-
-def _steer_kv_cache(cache: KVCache):
-    """Before a one-token update: make the buffer the token lands in one MLX attends
-    over with its vector kernel. A buffer of a multiple of 256 with room left (after
-    prefill) is cut to the filled positions, so this token grows it."""
-    keys = cache.keys
-    if keys is None:
-        return
-    size, offset = keys.shape[2], cache.offset
-    if size % CUDNN_KV_MULTIPLE == 0 and offset < size:
-        cache.keys, cache.values = keys[..., :offset, :], cache.values[..., :offset, :]
-        size = offset
-    if offset == size:  # this update grows the buffer to offset + step
-        cache.step = next(s for s in DECODE_KV_STEPS if (offset + s) % CUDNN_KV_MULTIPLE)
 
 
 _OFFSET = {}
@@ -352,9 +319,6 @@ class _DecodeChain:
         first, links, last = chain
         offset = _offset_array(cache[0].offset)
         h, q, k, v = first(inputs, offset)
-        if kernels.route("decode_kv_step") and _kv_needs_steer(cache[0]):  # the caches grow in step
-            for c in cache:
-                _steer_kv_cache(c)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             keys, values = c.update_and_fetch(k, v)
             o = scaled_dot_product_attention(q, keys, values, cache=c, scale=layer.self_attn.scale, mask=None)

@@ -52,9 +52,6 @@ ROUTES = {
         "compiled_decode": True,  # layers.compile_decode: one compiled call before and after the KV cache
         "decode_chain": True,  # ... and one per block boundary (layers._DecodeChain) where the whole step allows
         "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
-        # compiled decode grows the KV cache off multiples of 256, so MLX attends with its
-        # vector kernel instead of cuDNN (layers._steer_kv_cache): less host time per token
-        "decode_kv_step": False,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
