@@ -161,7 +161,7 @@ def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,
                         lambda c: lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, c) for s in sets])
         row["config"] = {**gpu.QMV, **(config or {})}
         tc = gpu.qmv_tc_supported(x, bits, gs)
-        if tc:  # the tensor-core GEMV (what decode uses for these bits)
+        if tc:  # the tensor-core GEMV (what decode uses at 2 and 4 bits: gpu.qmv_tc_routed)
             measure(row, "tc", lambda: [lambda s=s: gpu.qmv_tc(x, *s, gs, bits) for s in sets])
         if n == k:
             # Each launch reads the previous one's output: nothing overlaps, so the GPU time
@@ -213,7 +213,7 @@ def swiglu_cases(bits_list, n=14336, k=4096, gs=64, dtype=mx.float16):
                "dtype": str(dtype).split(".")[-1], "bytes": per + x.nbytes + n * x.itemsize}
         measure(row, "mlx", lambda: [lambda s=s: mlx_path(*s) for s in sets])
         measure(row, "jang", lambda: [lambda s=s: gpu.swiglu(x, s[0], s[1], gs, bits) for s in sets])
-        if gpu.qmv_tc_supported(x, bits, gs):  # what compiled decode uses for these bits
+        if gpu.qmv_tc_supported(x, bits, gs):  # what compiled decode uses with fused_tc at 2 and 4 bits
             measure(row, "tc", lambda: [lambda s=s: gpu.swiglu_tc(x, s[0], s[1], gs, bits) for s in sets])
         rows.append(row)
     return rows

@@ -58,7 +58,7 @@ configs = ({(int(k.split(":")[0]), DTYPES[(k.split(":") + ["fp16"])[1]]): cs for
            if args.configs else {(4, mx.float16): SWEEP, (2, mx.float16): SWEEP})
 
 PARITY = [{"RT": 1, "KS": 4, "MT": 2, "stream": False}, {"RT": 1, "KS": 4, "MT": 2},
-          {"RT": 2, "KS": 2, "MT": 2, "CH": 4}]
+          {"RT": 2, "KS": 2, "MT": 2, "CH": 4, "pin": True}]
 
 def name_of(cfg):
     return "tc " + " ".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items())

@@ -36,8 +36,8 @@ from . import cpu, gpu, reference
 ROUTES = {
     "cuda": {
         "qmv": False,  # dequant GEMV for any layer call: faster kernel, slower model outside compiled decode
-        # GEMVs of 1-2 tokens on the tensor cores where the bits allow (gpu.qmv_tc_supported):
-        # 8192x8192 at 4 / 2 bits 18.4 / 14.7 us vs 20.1 / 20.7 on the CUDA cores (H100)
+        # GEMVs of 1-2 tokens on the tensor cores at 2 and 4 bits (gpu.qmv_tc_routed):
+        # 8192x8192 at 4 / 2 bits 16.6 / 12.1 us vs 20.4 / 23.7 on the CUDA cores (H100, session 8)
         "qmv_tc": True,
         # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
         # tensor cores too (else their CUDA-core kernels; needs qmv_tc): GPU time per token
@@ -146,7 +146,7 @@ def _matmul_op(tokens: int, b: str):
 def _tensor_cores(x, bits, group_size) -> bool:
     """Whether the tensor-core GEMV kernels serve these tokens, bits and group size."""
     return (x.size // x.shape[-1] <= gpu.QMV_TC_MAX_M and route("qmv_tc")
-            and gpu.qmv_tc_supported(x, bits, group_size))
+            and gpu.qmv_tc_routed(x, bits, group_size))
 
 
 def _gemv(x, w, scales, biases, group_size, bits, resid=None):
