@@ -122,21 +122,18 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # Launch shape (docs/kernels.md, H100 sweep of 8192x8192): 16-row tiles per warp (RT),
 # warps per block sharing K (KS), tokens per block (MT), accumulator chains per tile
 # (CH); per bit width where the winner differs. stream: the weights' loads bypass L1 and
-# ask L2 for 256 bytes (src/cuda.inc jg_tc_load_stream). pin: the group-sum mma's
-# constant operands read once from shared memory and kept in registers (qmv_tc.body).
+# ask L2 for 256 bytes (src/cuda.inc jg_tc_load_stream).
 # KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
 # sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
 # rows would otherwise leave the GPU with too few warps to keep loads in flight.
-QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True, "pin": True}
-# pin at 2 bits: its three constant quads take the kernel to 136 registers, one block of
-# 8 warps per SM instead of two: 12.3 -> 16.7 us (the 4-bit kernel: 17.7 -> 16.6 us)
-QMV_TC_BY_BITS = {2: {"RT": 2, "pin": False}}
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True}
+QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
 # At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
 # H100 ("too many resources requested for launch": registers), and the 8192x8192
 # sweep never chose 16.
 QMV_TC_MAX_KS = 8
-QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM", "pin": "JG_TC_PIN_SUMS"}  # config key -> macro
+QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM"}  # config key -> macro
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 # A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
 # there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
