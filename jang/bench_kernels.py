@@ -161,7 +161,7 @@ def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,
                         lambda c: lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, c) for s in sets])
         row["config"] = {**gpu.QMV, **(config or {})}
         tc = gpu.qmv_tc_supported(x, bits, gs)
-        if tc:  # the tensor-core GEMV (what decode uses at 2 and 4 bits: gpu.qmv_tc_routed)
+        if tc:  # the tensor-core GEMV (what decode uses where gpu.qmv_tc_routed)
             measure(row, "tc", lambda: [lambda s=s: gpu.qmv_tc(x, *s, gs, bits) for s in sets])
         if n == k:
             # Each launch reads the previous one's output: nothing overlaps, so the GPU time
@@ -437,21 +437,33 @@ def kv_cache_step(step=None):
         KVCache.step = saved
 
 
+def decode_row(model, bits, config, nbytes, limit_tps, mlx_runs, jang_runs) -> dict:
+    """One table row from the alternating rounds of mlx-lm and one JANG config (lists of
+    decode_speed results, round by round): medians, each round's figures, and each
+    round's decode speed-up over the mlx-lm run of the same round."""
+    import statistics
+
+    def median(runs):
+        return {k: statistics.median(r[k] for r in runs) for k in ("decode_tps", "prefill_tps")}
+
+    return {"model": model, "bits": bits, "config": config, "bytes_per_token": nbytes, "limit_tps": limit_tps,
+            "mlx": median(mlx_runs), "jang": median(jang_runs), "rounds": len(mlx_runs),
+            "decode_tps_rounds": {"mlx": [r["decode_tps"] for r in mlx_runs], "jang": [r["decode_tps"] for r in jang_runs]},
+            "speedup_rounds": [j["decode_tps"] / m["decode_tps"] for m, j in zip(mlx_runs, jang_runs)]}
+
+
 def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512, new_tokens=128,
-               configs=("",), rounds=3) -> dict:
+               configs=("",), rounds=5) -> dict:
     """mlx-lm's ops vs JANG on one model, once per config: a comma-separated set of
     routes to turn on ("qmv") or off ("compiled_decode=off") against kernels.ROUTES
     ("" = the defaults, as a user gets them), and optionally "kv_step=N" (the KV cache's
     growth step for that config's runs; mlx-lm's runs keep 256). Decode is bound by host
     work, which drifts on a shared machine, so every model is built once and the runs
-    alternate for `rounds` rounds; each figure is the median over the rounds."""
-    import statistics
-
+    alternate for `rounds` rounds; each figure is the median over the rounds, and each
+    round's decode speed-up (JANG over the mlx-lm run just before it) is kept too, so the
+    spread shows."""
     from . import kernels
     from .layers import adopt_all
-
-    def median(runs, key):
-        return statistics.median(r[key] for r in runs)
 
     bw = copy_bandwidth()
     rows = []
@@ -477,11 +489,9 @@ def run_decode(models=("smollm2-135m", "llama-3-8b"), bits=(4,), prompt_len=512,
             # moves its bytes at about the same total rate, so the floor is bytes / bw.
             limit_tps = bw / nbytes
             mlx_runs = runs.pop("mlx-lm")
-            base = {k: median(mlx_runs, k) for k in ("decode_tps", "prefill_tps")}
             for config, config_runs in runs.items():
-                jang = {k: median(config_runs, k) for k in ("decode_tps", "prefill_tps")}
-                rows.append({"model": name, "bits": b, "config": config, "bytes_per_token": nbytes,
-                             "limit_tps": limit_tps, "mlx": base, "jang": jang, "rounds": rounds})
+                rows.append(decode_row(name, b, config, nbytes, limit_tps, mlx_runs, config_runs))
+                base, jang = rows[-1]["mlx"], rows[-1]["jang"]
                 print(f"{name} {b}-bit [{config}]: mlx-lm {base['decode_tps']:.1f} tok/s, "
                       f"JANG {jang['decode_tps']:.1f} tok/s (limit {limit_tps:.1f}); "
                       f"prefill {base['prefill_tps']:.0f} vs {jang['prefill_tps']:.0f} tok/s", flush=True)
@@ -497,11 +507,13 @@ def decode_markdown(result: dict) -> str:
              "off, with =off) against the defaults (`JANG_ENABLE` / `JANG_DISABLE`). Bandwidth limit = bytes read "
              "per token / copy bandwidth (which counts bytes read and written).", "",
              "| model (random weights) | bits | JANG config | MB read / token | mlx-lm decode tok/s | "
-             "JANG decode tok/s | speed-up | JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "JANG decode tok/s | speed-up | per round | JANG / limit | mlx-lm prefill tok/s | JANG prefill tok/s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         m, j = r["mlx"], r["jang"]
+        spread = r.get("speedup_rounds")
+        spread = f"{min(spread):.2f}–{max(spread):.2f}x" if spread else "—"
         lines.append(f"| {r['model']} | {r['bits']} | {r.get('config', 'default')} | {r['bytes_per_token'] / 1e6:.0f} "
                      f"| {m['decode_tps']:.1f} | {j['decode_tps']:.1f} | {j['decode_tps'] / m['decode_tps']:.2f}x | "
-                     f"{j['decode_tps'] / r['limit_tps']:.0%} | {m['prefill_tps']:.0f} | {j['prefill_tps']:.0f} |")
+                     f"{spread} | {j['decode_tps'] / r['limit_tps']:.0%} | {m['prefill_tps']:.0f} | {j['prefill_tps']:.0f} |")
     return "\n".join(lines) + "\n"

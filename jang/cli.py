@@ -132,7 +132,7 @@ def cmd_bench_decode(args):
     from .bench_kernels import decode_markdown, run_decode
 
     result = run_decode(models=args.models, bits=args.bits, prompt_len=args.prompt, new_tokens=args.tokens,
-                        configs=args.configs)
+                        configs=args.configs, rounds=args.rounds)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"{args.name}.json").write_text(_json.dumps(result, indent=2))
@@ -257,6 +257,8 @@ def build_parser():
     d.add_argument("--bits", nargs="*", type=int, default=[4])
     d.add_argument("--prompt", type=int, default=512)
     d.add_argument("--tokens", type=int, default=128)
+    d.add_argument("--rounds", type=int, default=5,
+                   help="alternating rounds of mlx-lm and each JANG config (medians and per-round speed-ups reported)")
     d.add_argument("--configs", nargs="*", default=[""],
                    help="JANG runs, each a comma-separated set of routes turned on ('qmv') or off "
                         "('compiled_decode=off') against the defaults, optionally with the KV cache's "

@@ -132,3 +132,19 @@ def test_kv_cache_step_for_a_decode_config():
     assert grown() == 256
     with kv_cache_step(None):
         assert grown() == 256
+
+
+def test_decode_rows_keep_each_rounds_speed_up():
+    """jang bench decode: medians over the rounds, and each round's JANG / mlx-lm ratio
+    (the spread between machines and rounds is what the decode target has to survive)."""
+    from jang.bench_kernels import decode_markdown, decode_row
+
+    mlx_runs = [{"decode_tps": t, "prefill_tps": 1000.0} for t in (100.0, 150.0, 120.0)]
+    jang_runs = [{"decode_tps": t, "prefill_tps": 2000.0} for t in (200.0, 180.0, 240.0)]
+    row = decode_row("llama-3-8b", 4, "", 4e9, 700.0, mlx_runs, jang_runs)
+    assert row["mlx"]["decode_tps"] == 120.0 and row["jang"]["decode_tps"] == 200.0 and row["rounds"] == 3
+    assert row["speedup_rounds"] == [2.0, 1.2, 2.0]
+    assert row["decode_tps_rounds"]["jang"] == [200.0, 180.0, 240.0]
+    md = decode_markdown({"device": "test", "mlx": mx.__version__, "copy_GBps": 2800.0, "prompt": 512,
+                          "new_tokens": 128, "rounds": 3, "rows": [row]})
+    assert "| 120.0 | 200.0 | 1.67x | 1.20–2.00x |" in md

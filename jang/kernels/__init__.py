@@ -36,8 +36,8 @@ from . import cpu, gpu, reference
 ROUTES = {
     "cuda": {
         "qmv": False,  # dequant GEMV for any layer call: faster kernel, slower model outside compiled decode
-        # GEMVs of 1-2 tokens on the tensor cores at 2 and 4 bits (gpu.qmv_tc_routed):
-        # 8192x8192 at 4 / 2 bits 16.6 / 12.1 us vs 20.4 / 23.7 on the CUDA cores (H100, session 8)
+        # GEMVs of 1-2 tokens on the tensor cores at 2, 4 and 8 bits (gpu.qmv_tc_routed): 8192x8192
+        # at 4 / 2 / 8 bits 15.7 / 12.0 / 27.5 us vs 20.4 / 23.7 / 32.4 on the CUDA cores (H100, session 9)
         "qmv_tc": True,
         # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
         # tensor cores too (else their CUDA-core kernels; needs qmv_tc): GPU time per token

@@ -145,10 +145,11 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
     return _dialect() == "cuda" and bits in QMV_TC_BITS.get(x.dtype, ()) and group_size in GROUP_SIZES
 
 
-# Where the routes choose it over the CUDA-core GEMV: not at 8 bits, where the CUDA-core
-# kernel reads 8-bit codes with little unpacking (8192x8192 fp16, H100, session 8: 31.9
-# vs 36.0 us chained; docs/kernels-qmv-tc-s8-pin-2.json).
-QMV_TC_ROUTED_BITS = (2, 4)
+# Where the routes choose it over the CUDA-core GEMV, by bit width. Session 8 measured
+# 8 bits slower on the tensor cores (36.0 vs 31.9 us, 8192x8192 fp16, H100); since the
+# subnormal codes (session 9) they are faster there too: 27.5 vs 32.4 us
+# (docs/kernels-qmv-tc-s9-3.json).
+QMV_TC_ROUTED_BITS = (2, 4, 8)
 
 
 def qmv_tc_routed(x, bits, group_size) -> bool:
