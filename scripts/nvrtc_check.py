@@ -14,6 +14,13 @@ Use the NVRTC MLX's CUDA build runs with: the H100 machine has CUDA 13.0, and NV
 13.0.88 (`pip download --no-deps nvidia-cuda-nvrtc==13.0.88`) reproduces its code
 (70 registers for session 4's 4-bit qmv_tc, as ncu reported; NVRTC 13.5 fuses an
 and/or pair that 13.0 leaves as two LOP3s). nvdisasm: `nvidia-cuda-nvdisasm` wheel.
+Set-up from the package index alone, except MLX's headers:
+
+    pip download --no-deps -d whl nvidia-cuda-nvrtc==13.0.88 "nvidia-cuda-runtime==13.0.*" \
+        "nvidia-cuda-cccl==13.0.*" nvidia-cuda-nvdisasm
+    for w in whl/*.whl; do unzip -q -o "$w" -d root; done   # NVRTC_ROOT=root/nvidia/cu13
+    # NVDISASM=root/nvidia/cu13/bin/nvdisasm (chmod +x). MLX's wheels do not ship its device
+    # headers: MLX_INC is a checkout of ml-explore/mlx (git archive HEAD mlx/backend/cuda/device)
 
 Not part of CI (the NVRTC wheel is ~60 MB); the GPU tests are the real check.
 """
