@@ -161,7 +161,7 @@ def qmv_cases(bits_list, n=8192, k=8192, gs=64, dtype=mx.float16, configs=(None,
                         lambda c: lambda: [lambda s=s: gpu.qmv(x, *s, gs, bits, c) for s in sets])
         row["config"] = {**gpu.QMV, **(config or {})}
         tc = gpu.qmv_tc_supported(x, bits, gs)
-        if tc:  # the tensor-core GEMV (what decode uses where gpu.qmv_tc_routed)
+        if tc:  # the tensor-core GEMV (what decode uses for these bits)
             measure(row, "tc", lambda: [lambda s=s: gpu.qmv_tc(x, *s, gs, bits) for s in sets])
         if n == k:
             # Each launch reads the previous one's output: nothing overlaps, so the GPU time

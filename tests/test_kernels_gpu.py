@@ -252,8 +252,8 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(on, ref) < TOL[mx.float16] and rel_err(off, ref) < TOL[mx.float16]
     x3 = mx.random.normal((3, 1024)).astype(mx.float16)  # more tokens than QMV_TC_MAX_M: the CUDA-core kernel
     assert rel_err(kernels._gemv(x3, wq, s, b, 64, 4), reference_matmul(x3, wq, s, b, 64, 4)) < TOL[mx.float16]
-    # every bit width the tensor-core GEMV reads in fp16 is routed there (gpu.QMV_TC_ROUTED_BITS)
-    assert all(gpu.qmv_tc_routed(x, bits, 64) for bits in (2, 4, 8)) and not gpu.qmv_tc_routed(x, 3, 64)
+    # every bit width the tensor-core GEMV reads in fp16 is routed there (_gemv checks qmv_tc_supported)
+    assert all(gpu.qmv_tc_supported(x, bits, 64) for bits in (2, 4, 8)) and not gpu.qmv_tc_supported(x, 3, 64)
     w8, s8, b8 = quantized(512, 1024, 8, 64, mx.float16)
     assert rel_err(kernels._gemv(x, w8, s8, b8, 64, 8), reference_matmul(x, w8, s8, b8, 64, 8)) < TOL[mx.float16]
 

@@ -36,7 +36,7 @@ from . import cpu, gpu, reference
 ROUTES = {
     "cuda": {
         "qmv": False,  # dequant GEMV for any layer call: faster kernel, slower model outside compiled decode
-        # GEMVs of 1-2 tokens on the tensor cores at 2, 4 and 8 bits (gpu.qmv_tc_routed): 8192x8192
+        # GEMVs of 1-2 tokens on the tensor cores at 2, 4 and 8 bits (gpu.qmv_tc_supported): 8192x8192
         # at 4 / 2 / 8 bits 15.7 / 12.0 / 27.5 us vs 20.4 / 23.7 / 32.4 on the CUDA cores (H100, session 9)
         "qmv_tc": True,
         # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
@@ -146,7 +146,7 @@ def _matmul_op(tokens: int, b: str):
 def _tensor_cores(x, bits, group_size) -> bool:
     """Whether the tensor-core GEMV kernels serve these tokens, bits and group size."""
     return (x.size // x.shape[-1] <= gpu.QMV_TC_MAX_M and route("qmv_tc")
-            and gpu.qmv_tc_routed(x, bits, group_size))
+            and gpu.qmv_tc_supported(x, bits, group_size))
 
 
 def _gemv(x, w, scales, biases, group_size, bits, resid=None):

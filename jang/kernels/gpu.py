@@ -141,19 +141,11 @@ QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 QMV_TC_ALONE_MIN_WEIGHTS = 1 << 25
 
 
+# The routes take it wherever it reads the layout: it beats the CUDA-core GEMV at every bit
+# width it reads. At 8 bits only since the subnormal codes (session 9: 27.5 vs 32.4 us,
+# 8192x8192 fp16, H100, docs/kernels-qmv-tc-s9-3.json; session 8 had 36.0 vs 31.9).
 def qmv_tc_supported(x, bits, group_size) -> bool:
     return _dialect() == "cuda" and bits in QMV_TC_BITS.get(x.dtype, ()) and group_size in GROUP_SIZES
-
-
-# Where the routes choose it over the CUDA-core GEMV, by bit width. Session 8 measured
-# 8 bits slower on the tensor cores (36.0 vs 31.9 us, 8192x8192 fp16, H100); since the
-# subnormal codes (session 9) they are faster there too: 27.5 vs 32.4 us
-# (docs/kernels-qmv-tc-s9-3.json).
-QMV_TC_ROUTED_BITS = (2, 4, 8)
-
-
-def qmv_tc_routed(x, bits, group_size) -> bool:
-    return bits in QMV_TC_ROUTED_BITS and qmv_tc_supported(x, bits, group_size)
 
 
 @lru_cache(maxsize=None)
