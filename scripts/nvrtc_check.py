@@ -82,8 +82,6 @@ VARIANTS.update({
     "qmv_tc_swiglu_norm": ("qmv_tc", ("JG_SWIGLU", "JG_NORM"),
                            [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_stream": ("qmv_tc", ("JG_TC_STREAM",), [], []),
-    "qmv_tc_halves": ("qmv_tc", ("JG_TC_STREAM", "JG_TC_HALVES"), [], []),
-    "qmv_tc_halves_l1": ("qmv_tc", ("JG_TC_STREAM", "JG_TC_HALVES", "JG_TC_L1"), [], []),
     "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
                                _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
 })

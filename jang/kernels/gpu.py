@@ -133,7 +133,7 @@ QMV_TC_WARPS = 2048
 # H100 ("too many resources requested for launch": registers), and the 8192x8192
 # sweep never chose 16.
 QMV_TC_MAX_KS = 8
-QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM", "halves": "JG_TC_HALVES", "l1": "JG_TC_L1"}  # config key -> macro
+QMV_TC_OPTIONS = {"stream": "JG_TC_STREAM"}  # config key -> macro
 QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 # A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
 # there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
