@@ -115,6 +115,35 @@ def _chain(op, x, sets):
     return run
 
 
+def chain_time(op, x, sets):
+    """_chain's CHAIN dependent launches: (GPU us per launch, best of 3 profiled chains;
+    wall us per launch; GPU us per launch of each kernel name). The probes in scripts/
+    (qmv_tc_sweep.py, gemv_floor.py) time with it."""
+    run, n = _chain(op, x, sets), CHAIN
+    prof = _torch_profiler()
+    if prof is None:
+        raise RuntimeError("chain_time reads kernel times through torch.profiler: it needs torch with CUDA")
+    profile, activity, cuda = prof
+    mx.eval(run())
+    mx.synchronize()
+    best, names = None, {}
+    for _ in range(3):
+        with profile(activities=[activity]) as p:
+            mx.eval(run())
+            mx.synchronize()
+        names = {}
+        for e in p.events():
+            if e.device_type == cuda:
+                names[e.name] = names.get(e.name, 0) + e.time_range.elapsed_us()
+        total = sum(names.values()) / n
+        best = total if best is None else min(best, total)
+    t0 = time.perf_counter()
+    mx.eval(run())
+    mx.synchronize()
+    wall = (time.perf_counter() - t0) / n * 1e6
+    return best, wall, {k[:60]: round(v / n, 2) for k, v in names.items()}
+
+
 def _nbytes(*arrays):
     return sum(a.nbytes for a in arrays)
 

@@ -6,7 +6,7 @@ then qmv_tc against the fp32 reference. Writes $OUT/probe_tc.json (or /tmp).
     python scripts/qmv_tc_sweep.py                 # RT / KS with and without stream
     python scripts/qmv_tc_sweep.py --configs '{"4": [{"RT": 1, "KS": 4, "stream": false}], "2:bf16": [...]}'
 """
-import argparse, json, os, sys, time
+import argparse, json, os, sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,27 +25,7 @@ def rel(o, r):
     o = o.astype(mx.float32)
     return (mx.linalg.norm((o - r).reshape(-1)) / mx.linalg.norm(r.reshape(-1))).item()
 
-def chain_time(op, x, sets, n=64):
-    def run():
-        v = x
-        for i in range(n):
-            v = op(v, sets[i % len(sets)])
-        return v
-    prof = bk._torch_profiler()
-    profile, activity, cuda = prof
-    mx.eval(run()); mx.synchronize()
-    best = None
-    for _ in range(3):
-        with profile(activities=[activity]) as p:
-            mx.eval(run()); mx.synchronize()
-        ks = [e for e in p.events() if e.device_type == cuda]
-        names = {}
-        for e in ks:
-            names[e.name] = names.get(e.name, 0) + e.time_range.elapsed_us()
-        tot = sum(names.values()) / n
-        best = tot if best is None else min(best, tot)
-    t0 = time.perf_counter(); mx.eval(run()); mx.synchronize(); wall = (time.perf_counter() - t0) / n * 1e6
-    return best, wall, {k[:60]: round(v / n, 2) for k, v in names.items()}
+chain_time = bk.chain_time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--configs", help="JSON {\"BITS\" or \"BITS:bf16\": [qmv_tc config, ...]} instead of SWEEP")
