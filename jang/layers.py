@@ -279,14 +279,23 @@ class _CompiledDecode:
 
 
 _OFFSET = {}
+_POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as decoding goes on
 
 
 def _offset_array(offset: int):
-    """The position as an array, made once per decode step (every layer asks for it)."""
+    """The position as a 0-d array, made once per decode step (every layer asks for it).
+    It views a positions array the GPU computed, not an mx.array(offset): MLX's CUDA
+    backend keeps arrays of up to 8 bytes made from host values in managed memory that
+    stays on the host, and every GPU kernel reading one waits on the bus (session 10:
+    eps read that way took the q/k/v kernel's launch from ~12 to ~25 us)."""
     a = _OFFSET.get(offset)
     if a is None:
         _OFFSET.clear()
-        a = _OFFSET[offset] = mx.array(offset, mx.int32)
+        pos = _POSITIONS.get("array")
+        if pos is None or pos.size <= offset:
+            pos = _POSITIONS["array"] = mx.arange(max(4096, 2 * offset + 2), dtype=mx.int32)
+            mx.eval(pos)
+        a = _OFFSET[offset] = pos[offset]
     return a
 
 

@@ -256,6 +256,12 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert all(gpu.qmv_tc_supported(x, bits, 64) for bits in (2, 4, 8)) and not gpu.qmv_tc_supported(x, 3, 64)
     w8, s8, b8 = quantized(512, 1024, 8, 64, mx.float16)
     assert rel_err(kernels._gemv(x, w8, s8, b8, 64, 8), reference_matmul(x, w8, s8, b8, 64, 8)) < TOL[mx.float16]
+    # o_proj's input, attention's (B, H, 1, D) output, is one token of K = H * D: the
+    # tensor cores too (session 10: it went to the CUDA-core kernel, counted as H tokens)
+    xh, resid = x.reshape(1, 8, 1, 128), mx.random.normal((1, 512)).astype(mx.float16)
+    assert kernels._tensor_cores(xh, 4, 64, 1024) and not kernels._tensor_cores(xh, 4, 64)
+    out = kernels._gemv(xh, wq, s, b, 64, 4, resid=resid)
+    assert rel_err(out, ref + resid.astype(mx.float32)) < TOL[mx.float16]
 
 
 @pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_chain=off",)],

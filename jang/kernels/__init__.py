@@ -143,15 +143,17 @@ def _matmul_op(tokens: int, b: str):
     return None
 
 
-def _tensor_cores(x, bits, group_size) -> bool:
-    """Whether the tensor-core GEMV kernels serve these tokens, bits and group size."""
-    return (x.size // x.shape[-1] <= gpu.QMV_TC_MAX_M and route("qmv_tc")
-            and gpu.qmv_tc_supported(x, bits, group_size))
+def _tensor_cores(x, bits, group_size, row=None) -> bool:
+    """Whether the tensor-core GEMV kernels serve these tokens, bits and group size. row:
+    the weights' row length, where x holds its tokens in another shape than (..., row)
+    (o_proj reads attention's (B, H, 1, D) output: one token, not H)."""
+    tokens = x.size // (row or x.shape[-1])
+    return tokens <= gpu.QMV_TC_MAX_M and route("qmv_tc") and gpu.qmv_tc_supported(x, bits, group_size)
 
 
 def _gemv(x, w, scales, biases, group_size, bits, resid=None):
     """A fused GEMV of a few tokens: on the tensor cores where route and layout allow."""
-    if _tensor_cores(x, bits, group_size):
+    if _tensor_cores(x, bits, group_size, gpu.in_features(w, bits)):
         return gpu.qmv_tc(x, w, scales, biases, group_size, bits, resid=resid)
     return gpu.qmv(x, w, scales, biases, group_size, bits, resid=resid)
 

@@ -286,13 +286,19 @@ def source(name: str, dialect: str, defines: tuple = ()) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = ()):
+def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = (),
+           shared_memory: int = 0):
     """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once). Each
-    set of defines gets its own kernel name: MLX caches compiled kernels by name."""
+    set of defines gets its own kernel name: MLX caches compiled kernels by name.
+    shared_memory: bytes of dynamic shared memory (CUDA only). It is part of the name
+    too, since MLX raises a kernel's limit past 48 KB once, when it first loads it."""
     import mlx.core as mx
 
     head, src = source(name, dialect, defines)
     make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
     full_name = "_".join([f"jang_{name}", *(d.lower().removeprefix("jg_") for d in defines)])
+    extra = {}
+    if shared_memory:
+        full_name, extra = f"{full_name}_smem{shared_memory}", {"shared_memory": shared_memory}
     return make(name=full_name, input_names=list(inputs), output_names=list(outputs),
-                source=src, header=head, ensure_row_contiguous=contiguous)
+                source=src, header=head, ensure_row_contiguous=contiguous, **extra)

@@ -72,7 +72,12 @@ FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "bias
 
 @lru_cache(maxsize=None)
 def _eps(value: float):
-    return mx.array([value], mx.float32)
+    """eps as an array the kernels read at index 0. Four copies, not one: MLX's CUDA
+    backend keeps arrays of up to 8 bytes made from host values in managed memory that
+    stays on the host (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on
+    the bus; a larger one moves to the GPU when first read (session 10: the 4-byte eps
+    took the q/k/v kernel's launch from ~12 to ~25 us; layers._offset_array)."""
+    return mx.array([value] * 4, mx.float32)
 
 
 def _fusion_args(norm, resid):
@@ -164,7 +169,8 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=()
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
     outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
-    kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines)
+    smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
+    kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem)
     blocks = sum(math.ceil(n / (16 * RT // per_row)) for n in Ns)
     return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
 
@@ -338,7 +344,7 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
     inv = inv_freq if rope else mx.zeros((D // 2,), mx.float32)
     k = dialect.kernel("norm_rope", ("x", "weight", "inv_freq", "offset", "eps"), ("out",), _dialect())
     rows = B * L * H
-    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, mx.array([offset], mx.int32), mx.array([eps], mx.float32)],
+    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, mx.array([offset], mx.int32), _eps(float(eps))],
              template=[("T", x.dtype), ("D", D), ("ROPE", rope), ("TRADITIONAL", traditional), ("WARPS", warps)],
              grid=(math.ceil(rows / warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
              output_shapes=[(B, H, L, D) if rope else (B, L, H, D)], output_dtypes=[x.dtype])
