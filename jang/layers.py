@@ -283,11 +283,12 @@ _POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as decoding goe
 
 
 def _offset_array(offset: int):
-    """The position as a 0-d array, made once per decode step (every layer asks for it).
-    It views a positions array the GPU computed, not an mx.array(offset): MLX's CUDA
-    backend keeps arrays of up to 8 bytes made from host values in managed memory that
-    stays on the host, and every GPU kernel reading one waits on the bus (session 10:
-    eps read that way took the q/k/v kernel's launch from ~12 to ~25 us)."""
+    """The position as a (1,) array, made once per decode step (every layer asks for it).
+    It is a slice (a view, no kernel) of a positions array the GPU computed, not an
+    mx.array(offset): MLX's CUDA backend keeps arrays of up to 8 bytes in managed memory
+    that stays on the host, and every GPU kernel reading one waits on the bus (session
+    10: eps read that way took the q/k/v kernel's launch from ~12 to ~25 us). Indexing,
+    pos[offset], would not do: it gathers into a new 4-byte array, which lands there too."""
     a = _OFFSET.get(offset)
     if a is None:
         _OFFSET.clear()
@@ -295,7 +296,7 @@ def _offset_array(offset: int):
         if pos is None or pos.size <= offset:
             pos = _POSITIONS["array"] = mx.arange(max(4096, 2 * offset + 2), dtype=mx.int32)
             mx.eval(pos)
-        a = _OFFSET[offset] = pos[offset]
+        a = _OFFSET[offset] = pos[offset:offset + 1]
     return a
 
 

@@ -73,10 +73,10 @@ FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "bias
 @lru_cache(maxsize=None)
 def _eps(value: float):
     """eps as an array the kernels read at index 0. Four copies, not one: MLX's CUDA
-    backend keeps arrays of up to 8 bytes made from host values in managed memory that
-    stays on the host (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on
-    the bus; a larger one moves to the GPU when first read (session 10: the 4-byte eps
-    took the q/k/v kernel's launch from ~12 to ~25 us; layers._offset_array)."""
+    backend keeps arrays of up to 8 bytes in a managed-memory pool that stays on the host
+    (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on the bus; a larger
+    one made from host values moves to the GPU when first read (session 10: the 4-byte
+    eps took the q/k/v kernel's launch from ~12 to ~25 us; layers._offset_array)."""
     return mx.array([value] * 4, mx.float32)
 
 
