@@ -47,6 +47,15 @@ def _torch_profiler():
         return None
 
 
+def _kernel_us(recorded, cuda) -> dict:
+    """GPU microseconds per CUDA kernel name that a torch.profiler run recorded."""
+    us = {}
+    for e in recorded.events():
+        if e.device_type == cuda:
+            us[e.name] = us.get(e.name, 0) + e.time_range.elapsed_us()
+    return us
+
+
 def gpu_time(make_calls, launches=32, repeats=1):
     """GPU seconds per launch: the summed durations of every CUDA kernel the launches
     ran, recorded by CUPTI (through torch.profiler, which sees MLX's kernels too since
@@ -65,10 +74,10 @@ def gpu_time(make_calls, launches=32, repeats=1):
             outs = [calls[i % len(calls)]() for i in range(launches)]
             mx.eval(outs)
             mx.synchronize()
-        kernels = [e for e in p.events() if e.device_type == cuda]
+        kernels = _kernel_us(p, cuda)
         if not kernels:
             return None
-        t = sum(e.time_range.elapsed_us() for e in kernels) * 1e-6 / launches
+        t = sum(kernels.values()) * 1e-6 / launches
         best = t if best is None else min(best, t)
     return best
 
@@ -131,10 +140,7 @@ def chain_time(op, x, sets):
         with profile(activities=[activity]) as p:
             mx.eval(run())
             mx.synchronize()
-        names = {}
-        for e in p.events():
-            if e.device_type == cuda:
-                names[e.name] = names.get(e.name, 0) + e.time_range.elapsed_us()
+        names = _kernel_us(p, cuda)
         total = sum(names.values()) / n
         best = total if best is None else min(best, total)
     t0 = time.perf_counter()

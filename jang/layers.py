@@ -242,7 +242,7 @@ class _CompiledDecode:
             kernels.prepare_rope(getattr(self.self_attn, "rope", None))  # before the trace: see prepare_rope
             compiled = self.__dict__["_jang_decode"] = (mx.compile(self._jang_pre), mx.compile(self._jang_post))
         pre, post = compiled
-        q, k, v = pre(x, _offset_array(cache.offset))
+        q, k, v = pre(x, kernels.gpu.position(cache.offset))
         k, v = cache.update_and_fetch(k, v)
         attn = self.self_attn
         return post(x, scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None))
@@ -278,28 +278,6 @@ class _CompiledDecode:
         return _mlp_residual(self.mlp, self.post_attention_layernorm, h)
 
 
-_OFFSET = {}
-_POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as decoding goes on
-
-
-def _offset_array(offset: int):
-    """The position as a (1,) array, made once per decode step (every layer asks for it).
-    It is a slice (a view, no kernel) of a positions array the GPU computed, not an
-    mx.array(offset): MLX's CUDA backend keeps arrays of up to 8 bytes in managed memory
-    that stays on the host, and every GPU kernel reading one waits on the bus (session
-    10: eps read that way took the q/k/v kernel's launch from ~12 to ~25 us). Indexing,
-    pos[offset], would not do: it gathers into a new 4-byte array, which lands there too."""
-    a = _OFFSET.get(offset)
-    if a is None:
-        _OFFSET.clear()
-        pos = _POSITIONS.get("array")
-        if pos is None or pos.size <= offset:
-            pos = _POSITIONS["array"] = mx.arange(max(4096, 2 * offset + 2), dtype=mx.int32)
-            mx.eval(pos)
-        a = _OFFSET[offset] = pos[offset:offset + 1]
-    return a
-
-
 def compile_decode(model: nn.Module) -> int:
     """Give the transformer blocks of known mlx-lm architectures the compiled one-token
     path (_CompiledDecode), and their models the chained step (_DecodeChain); returns
@@ -327,7 +305,7 @@ class _DecodeChain:
         if chain is None:
             return super().__call__(inputs, cache, input_embeddings)
         first, links, last = chain
-        offset = _offset_array(cache[0].offset)
+        offset = kernels.gpu.position(cache[0].offset)
         h, q, k, v = first(inputs, offset)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             keys, values = c.update_and_fetch(k, v)

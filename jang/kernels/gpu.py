@@ -76,8 +76,30 @@ def _eps(value: float):
     backend keeps arrays of up to 8 bytes in a managed-memory pool that stays on the host
     (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on the bus; a larger
     one made from host values moves to the GPU when first read (session 10: the 4-byte
-    eps took the q/k/v kernel's launch from ~12 to ~25 us; layers._offset_array)."""
+    eps took the q/k/v kernel's launch from ~12 to ~25 us; position)."""
     return mx.array([value] * 4, mx.float32)
+
+
+_POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as needed; "at": (offset, its view)
+
+
+def position(offset: int):
+    """offset as a (1,) int32 array for the kernels' RoPE, made once per decode step
+    (every layer asks for it; call it outside mx.compile: it may evaluate). It is a slice
+    (a view, no kernel) of a positions array the GPU computed, not an mx.array(offset):
+    MLX's CUDA backend keeps arrays of up to 8 bytes in managed memory that stays on the
+    host, and every GPU kernel reading one waits on the bus (_eps). Indexing,
+    pos[offset], would not do: it gathers into a new 4-byte array, which lands there too."""
+    at = _POSITIONS.get("at")
+    if at is not None and at[0] == offset:
+        return at[1]
+    pos = _POSITIONS.get("array")
+    if pos is None or pos.size <= offset:
+        pos = _POSITIONS["array"] = mx.arange(max(4096, 2 * offset + 2), dtype=mx.int32)
+        mx.eval(pos)
+    view = pos[offset:offset + 1]
+    _POSITIONS["at"] = (offset, view)
+    return view
 
 
 def _fusion_args(norm, resid):
@@ -344,7 +366,7 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
     inv = inv_freq if rope else mx.zeros((D // 2,), mx.float32)
     k = dialect.kernel("norm_rope", ("x", "weight", "inv_freq", "offset", "eps"), ("out",), _dialect())
     rows = B * L * H
-    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, mx.array([offset], mx.int32), _eps(float(eps))],
+    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, position(offset), _eps(float(eps))],
              template=[("T", x.dtype), ("D", D), ("ROPE", rope), ("TRADITIONAL", traditional), ("WARPS", warps)],
              grid=(math.ceil(rows / warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
              output_shapes=[(B, H, L, D) if rope else (B, L, H, D)], output_dtypes=[x.dtype])
