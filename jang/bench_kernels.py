@@ -288,20 +288,36 @@ def norm_rope_cases(dtype=mx.float16, heads=32, dims=128, lengths=(1, 512)):
     return rows
 
 
-def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(1024, 4096), prefill=256):
+# decode attention's launch shapes tried besides the default (gpu.ATTENTION_DECODE)
+ATTENTION_SWEEP = ({"WARPS": 4, "PER": 4}, {"WARPS": 8, "PER": 8}, {"WARPS": 4, "PER": 16})
+
+
+def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(640, 1024, 4096), prefill=256):
+    """One query token over a KV cache (JANG's split decode kernel, default launch and
+    ATTENTION_SWEEP, over the cache's whole buffer as compiled decode hands it) and a
+    causal prefill (the one-query-per-block kernel), against MLX's SDPA on the live keys."""
     rows = []
     scale = 1 / math.sqrt(dims)
     for S in contexts:
-        k = mx.random.normal((1, hkv, S, dims)).astype(dtype)
-        v = mx.random.normal((1, hkv, S, dims)).astype(dtype)
-        for L in (1, prefill) if S == contexts[0] else (1,):
+        capacity = -(-S // 256) * 256 + 256  # as mlx-lm's KVCache holds it: steps of 256
+        kbuf = mx.random.normal((1, hkv, capacity, dims)).astype(dtype)
+        vbuf = mx.random.normal((1, hkv, capacity, dims)).astype(dtype)
+        k, v = kbuf[:, :, :S], vbuf[:, :, :S]
+        for L in (1, prefill) if S == contexts[1] else (1,):
             q = mx.random.normal((1, hq, L, dims)).astype(dtype)
             mask = None if L == 1 else "causal"
             row = {"kernel": "attention", "shape": f"L={L} S={S} Hq={hq} Hkv={hkv} D={dims}", "bits": None,
                    "group": None, "dtype": str(dtype).split(".")[-1], "bytes": q.nbytes * 2 + k.nbytes + v.nbytes}
             measure(row, "mlx", lambda: [lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)],
                     launches=32)
-            measure(row, "jang", lambda: [lambda: gpu.attention(q, k, v, scale)], launches=8 if L > 1 else 32)
+            if L > 1:
+                measure(row, "jang", lambda: [lambda: gpu.attention(q, k, v, scale)], launches=8)
+            else:
+                measure(row, "jang", lambda: [lambda: gpu.attention_decode(q, kbuf, vbuf, scale, length=S)], launches=32)
+                for shape in ATTENTION_SWEEP:
+                    key = "jang_" + "_".join(f"{n.lower()}{v_}" for n, v_ in shape.items())
+                    measure(row, key, lambda: [lambda: gpu.attention_decode(
+                        q, kbuf, vbuf, scale, length=S, warps=shape["WARPS"], per=shape["PER"])], launches=32)
             rows.append(row)
     return rows
 

@@ -229,6 +229,17 @@ def patch_attention() -> int:
 DECODE_BLOCK_MODULES = ("llama", "qwen2", "qwen3")  # mistral runs llama's class
 
 
+def _attend(q, k, v, cache, scale):
+    """One token's k and v into the KVCache, then its attention over the cache. JANG's
+    decode kernel (route decode_attention) reads the cache's whole buffers up to the live
+    length, so the two slices update_and_fetch hands back are never evaluated: two
+    graph nodes fewer per block, and no cuDNN call, whose host-side encoding costs
+    ~70 us per block on the H100 (docs/kernels.md)."""
+    keys, values = cache.update_and_fetch(k, v)
+    out = kernels.attention(q, cache.keys, cache.values, scale, None, length=cache.offset, op="decode_attention")
+    return scaled_dot_product_attention(q, keys, values, cache=cache, scale=scale, mask=None) if out is None else out
+
+
 class _CompiledDecode:
     """Mixin put in front of an mlx-lm TransformerBlock class (see DECODE_BLOCK_MODULES)."""
 
@@ -243,9 +254,7 @@ class _CompiledDecode:
             compiled = self.__dict__["_jang_decode"] = (mx.compile(self._jang_pre), mx.compile(self._jang_post))
         pre, post = compiled
         q, k, v = pre(x, kernels.gpu.position(cache.offset))
-        k, v = cache.update_and_fetch(k, v)
-        attn = self.self_attn
-        return post(x, scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None))
+        return post(x, _attend(q, k, v, cache, self.self_attn.scale))
 
     # One token: (B, 1, H, D) and (B, H, 1, D) hold the same elements in the same order,
     # so the fused kernel writes q, k and v straight in the (B, H, 1, D) layout attention
@@ -308,8 +317,7 @@ class _DecodeChain:
         offset = kernels.gpu.position(cache[0].offset)
         h, q, k, v = first(inputs, offset)
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            keys, values = c.update_and_fetch(k, v)
-            o = scaled_dot_product_attention(q, keys, values, cache=c, scale=layer.self_attn.scale, mask=None)
+            o = _attend(q, k, v, c, layer.self_attn.scale)
             if i < len(links):
                 h, q, k, v = links[i](h, o, offset)
         return last(h, o)

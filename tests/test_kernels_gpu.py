@@ -137,6 +137,37 @@ def test_attention(window, dtype):
         assert rel_err(gpu.attention(q, k, v, scale, window), ref) < TOL[dtype]
 
 
+DECODE_ATTENTION = [(mx.float16, 128, 4), (mx.float16, 64, 3), (mx.float16, 256, 4), (mx.float16, 128, 8),
+                    (mx.float16, 128, 1), (mx.bfloat16, 128, 4)]
+
+
+@pytest.mark.parametrize("dtype,D,G", DECODE_ATTENTION,
+                         ids=[f"{'fp16' if d == mx.float16 else 'bf16'}-D{D}-G{G}" for d, D, G in DECODE_ATTENTION])
+def test_attention_decode(dtype, D, G):
+    """One query token over a KV cache: the whole buffer with the live length (as the
+    compiled decode hands it) and a slice of it (as mlx-lm's attention does), with the
+    keys in one split (one launch) and in several (the merge), against fp32 SDPA."""
+    from jang import kernels
+
+    B, Hkv, capacity = 2, 2, 1280
+    Hq = G * Hkv
+    buf_k = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
+    buf_v = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
+    chunk = gpu._decode_chunk(D, G, gpu.ATTENTION_DECODE["WARPS"])[1]
+    scale = 1 / math.sqrt(D)
+    up = lambda a: a.astype(mx.float32)  # noqa: E731
+    for S in (1, 5, chunk - 1, chunk, chunk + 1, 3 * chunk + 7, 1200):
+        q = (2 * mx.random.normal((B, 1, Hq, D))).astype(dtype).transpose(0, 2, 1, 3)  # strided, as mlx-lm has it
+        k, v = buf_k[:, :, :S], buf_v[:, :, :S]
+        ref = mx.fast.scaled_dot_product_attention(up(q), up(k), up(v), scale=scale)
+        assert rel_err(gpu.attention_decode(q, buf_k, buf_v, scale, length=S), ref) < TOL[dtype], S
+        assert rel_err(gpu.attention_decode(q, k, v, scale), ref) < TOL[dtype], S
+    assert kernels.attention(q, k, v, scale, None, op="decode_attention") is not None  # the default on CUDA
+    assert kernels.attention(q, k, v, scale, None) is None  # mlx-lm's modules: opt-in (JANG_ENABLE=attention)
+    with kernels.enabled(["attention"]):
+        assert kernels.attention(q, k, v, scale, "causal") is None  # anything masked is MLX's
+
+
 def rms_norm_ref(x, w, eps):
     x32 = x.astype(mx.float32)
     return x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps) * w.astype(mx.float32)
@@ -264,8 +295,8 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(out, ref + resid.astype(mx.float32)) < TOL[mx.float16]
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_chain=off",)],
-                         ids=["cuda-core", "tensor-core", "per-block"])
+@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_chain=off",), ("decode_attention=off",)],
+                         ids=["cuda-core", "tensor-core", "per-block", "mlx-attention"])
 def test_compiled_decode_with_fused_kernels(extra):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across
@@ -285,9 +316,11 @@ def test_compiled_decode_with_fused_kernels(extra):
     model.set_dtype(mx.float16)
     nn.quantize(model, group_size=64, bits=4)
 
+    prompt = mx.random.randint(0, 1000, (1, 150))  # past one split of the decode attention (128 keys here)
+
     def decode():
         cache = make_prompt_cache(model)
-        logits = [model(mx.array([[5, 6, 7, 8]]), cache=cache)[:, -1]]
+        logits = [model(prompt, cache=cache)[:, -1]]
         tok = mx.argmax(logits[-1], -1)
         for _ in range(4):
             logits.append(model(tok[:, None], cache=cache)[:, -1])

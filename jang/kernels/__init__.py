@@ -48,7 +48,11 @@ ROUTES = {
         "embedding": True,
         "swiglu": False,  # as qmv (the MLP outside compiled decode)
         "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
-        "attention": False,  # MLX's decode SDPA was 10x faster on the GPU (11 vs 110 us at 1k context)
+        # one-token attention over the KV cache in compiled decode: the split kernel (gpu.attention_decode)
+        "decode_attention": True,
+        # the same kernel for mlx-lm's attention modules (layers.patch_attention). The patch is
+        # module-wide, so mlx-lm models in the same process would take it too: opt-in
+        "attention": False,
         "compiled_decode": True,  # layers.compile_decode: one compiled call before and after the KV cache
         "decode_chain": True,  # ... and one per block boundary (layers._DecodeChain) where the whole step allows
         "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
@@ -292,14 +296,11 @@ def linear_residual(x, layer, resid):
     return _gemv(x, *_arrays(layer), layer.group_size, layer.bits, resid=resid)
 
 
-def attention(q, k, v, scale, mask):
-    """JANG's GQA attention for no mask (decode) or mlx-lm's "causal" string mask, or
-    None where it does not apply."""
-    if not route("attention") or not (mask is None or (isinstance(mask, str) and mask == "causal")):
+def attention(q, k, v, scale, mask, length=None, op="attention"):
+    """JANG's GQA attention of one query token (decode: mask None), or None where it
+    does not apply or route ``op`` is off (then the caller runs MLX's). length: the live
+    keys where k and v are a KV cache's whole buffers. Prefill stays with MLX's flash
+    attention, ~50x faster than gpu.attention's one-query-per-block kernel."""
+    if mask is not None or not route(op) or not gpu.attention_decode_supported(q, k):
         return None
-    D = q.shape[-1]
-    if q.dtype not in gpu.HALF or k.dtype != q.dtype or D % 32 or D > 256 or q.shape[1] % k.shape[1]:
-        return None
-    if q.shape[2] > 1:
-        return None  # prefill: MLX's flash attention is ~50x faster than this one-query-per-block kernel
-    return gpu.attention(q, k, v, scale)
+    return gpu.attention_decode(q, k, v, scale, length)

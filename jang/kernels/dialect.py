@@ -63,6 +63,7 @@ inline float jg_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+inline float jg_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 inline float jg_bits_float(uint32_t v) { return __uint_as_float(v); }
 inline uint4 jg_zero4() { return make_uint4(0u, 0u, 0u, 0u); }
 inline float jg_exp(float v) { return __expf(v); }
@@ -139,6 +140,7 @@ inline void jg_acc_store(const jg_acc& c, float* p, int ld) {
 using namespace metal;
 inline float jg_warp_sum(float v) { return simd_sum(v); }
 inline float jg_warp_max(float v) { return simd_max(v); }
+inline float jg_shfl_xor(float v, int o) { return simd_shuffle_xor(v, ushort(o)); }
 inline float jg_bits_float(uint32_t v) { return as_type<float>(v); }
 inline uint4 jg_zero4() { return uint4(0u); }
 inline float jg_exp(float v) { return fast::exp(v); }

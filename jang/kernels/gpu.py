@@ -71,8 +71,8 @@ FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "bias
 
 
 @lru_cache(maxsize=None)
-def _eps(value: float):
-    """eps as an array the kernels read at index 0. Four copies, not one: MLX's CUDA
+def _scalar(value: float):
+    """A float (eps, an attention scale) as an array the kernels read at index 0. Four copies, not one: MLX's CUDA
     backend keeps arrays of up to 8 bytes in a managed-memory pool that stays on the host
     (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on the bus; a larger
     one made from host values moves to the GPU when first read (session 10: the 4-byte
@@ -88,7 +88,7 @@ def position(offset: int):
     (every layer asks for it; call it outside mx.compile: it may evaluate). It is a slice
     (a view, no kernel) of a positions array the GPU computed, not an mx.array(offset):
     MLX's CUDA backend keeps arrays of up to 8 bytes in managed memory that stays on the
-    host, and every GPU kernel reading one waits on the bus (_eps). Indexing,
+    host, and every GPU kernel reading one waits on the bus (_scalar). Indexing,
     pos[offset], would not do: it gathers into a new 4-byte array, which lands there too."""
     at = _POSITIONS.get("at")
     if at is not None and at[0] == offset:
@@ -106,7 +106,7 @@ def _fusion_args(norm, resid):
     """(defines, extra inputs) for an optional input RMSNorm (weight, eps) and residual."""
     defines, extra = (), []
     if norm is not None:
-        defines, extra = ("JG_NORM",), [norm[0], _eps(float(norm[1]))]
+        defines, extra = ("JG_NORM",), [norm[0], _scalar(float(norm[1]))]
     if resid is not None:
         defines, extra = defines + ("JG_RESID",), extra + [resid]
     return defines, extra
@@ -366,18 +366,66 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
     inv = inv_freq if rope else mx.zeros((D // 2,), mx.float32)
     k = dialect.kernel("norm_rope", ("x", "weight", "inv_freq", "offset", "eps"), ("out",), _dialect())
     rows = B * L * H
-    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, position(offset), _eps(float(eps))],
+    (y,) = k(inputs=[x, weight.astype(x.dtype), inv, position(offset), _scalar(float(eps))],
              template=[("T", x.dtype), ("D", D), ("ROPE", rope), ("TRADITIONAL", traditional), ("WARPS", warps)],
              grid=(math.ceil(rows / warps) * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
              output_shapes=[(B, H, L, D) if rope else (B, L, H, D)], output_dtypes=[x.dtype])
     return y
 
 
+# Decode attention (attention_split / attention_merge): the block's warps and key rows
+# per thread, swept by `jang bench kernels` (docs/kernels.md). G (query heads per KV
+# head) up to 8: jg_red holds ROWS * G * D floats, 32 KB at G = 8 with 4 warps.
+ATTENTION_DECODE = {"WARPS": 4, "PER": 8}
+ATTENTION_MAX_G = 8
+
+
+def attention_decode_supported(q, k) -> bool:
+    B, Hq, L, D = q.shape
+    return (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
+            and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G)
+
+
+def _decode_chunk(D, G, warps, per=None):
+    """(key rows per thread, keys per block) of attention_split."""
+    if per is None:  # half as many rows in flight where G > 4: q and the sums take the registers
+        per = ATTENTION_DECODE["PER"] if G <= 4 else ATTENTION_DECODE["PER"] // 2
+    return per, per * warps * 32 // (D // 8)
+
+
+def attention_decode(q, k, v, scale, length=None, warps=None, per=None):
+    """Attention of one query token, q (B, Hq, 1, D), over keys/values (B, Hkv, S, D)
+    (any strides, last axis contiguous): (B, Hq, 1, D). length: the live keys, when k
+    and v are a KV cache's whole buffer (their first ``length`` positions count); else
+    all S. Split over the keys in chunks of C (flash-decoding): one launch when the keys
+    fit one chunk, else a second that merges the chunks."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    S = k.shape[2] if length is None else length
+    warps = warps or ATTENTION_DECODE["WARPS"]
+    per, C = _decode_chunk(D, G, warps, per)
+    splits = -(-S // C)
+    final = splits == 1
+    kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale"), ("out",), _dialect(),
+                          contiguous=False, defines=("JG_FINAL",) if final else ())
+    (part,) = kern(inputs=[q, k, v, position(S - 1), _scalar(float(scale))],
+                   template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
+                   grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
+                   output_shapes=[(B, Hq, 1, D) if final else (B, Hq, splits, D + 4)],
+                   output_dtypes=[q.dtype if final else mx.float32])
+    if final:
+        return part
+    merge = dialect.kernel("attention_merge", ("part",), ("out",), _dialect())
+    return merge(inputs=[part], template=[("T", q.dtype), ("D", D)], grid=(B * Hq * D, 1, 1),
+                 threadgroup=(D, 1, 1), output_shapes=[(B, Hq, 1, D)], output_dtypes=[q.dtype])[0]
+
+
 def attention(q, k, v, scale, window=0, warps=4):
     """Causal GQA attention: q (B, Hq, L, D), k/v (B, Hkv, S, D), any strides -> (B, Hq, L, D)."""
     B, Hq, L, D = q.shape
     kern = dialect.kernel("attention", ("q", "k", "v", "scale"), ("out",), _dialect(), contiguous=False)
-    (y,) = kern(inputs=[q, k, v, mx.array([scale], mx.float32)],
+    (y,) = kern(inputs=[q, k, v, _scalar(float(scale))],
                 template=[("T", q.dtype), ("D", D), ("WINDOW", window), ("WARPS", warps)],
                 grid=(Hq * warps * 32, L, B), threadgroup=(warps * 32, 1, 1),
                 output_shapes=[(B, Hq, L, D)], output_dtypes=[q.dtype])

@@ -28,6 +28,10 @@ CONFIGS = {
                   "constexpr int WARPS = 4;"),
     "attention": ([("q", "half"), ("k", "half"), ("v", "half"), ("scale", "float")], "half",
                   "typedef half T; constexpr int D = 128; constexpr int WINDOW = 0; constexpr int WARPS = 4;"),
+    "attention_split": ([("q", "half"), ("k", "half"), ("v", "half"), ("pos", "int"), ("scale", "float")], "float",
+                        "typedef half T; constexpr int D = 128; constexpr int G = 4; constexpr int PER = 8; "
+                        "constexpr int WARPS = 4;"),
+    "attention_merge": ([("part", "float")], "half", "typedef half T; constexpr int D = 128;"),
 }
 
 # the fused decode variants: name -> (body, defines, extra inputs, extra outputs)
@@ -42,6 +46,8 @@ VARIANTS = {
                             [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"), ("w2", "uint32_t"),
                              ("scales2", "half"), ("biases2", "half"), ("norm_w", "half"), ("eps", "float"),
                              ("inv_freq", "float"), ("offset", "int")], ["out1", "out2"]),
+    # the keys fit one split: the normalised output (T) written by step 1 itself
+    "attention_split_final": ("attention_split", ("JG_FINAL",), [], []),
 }
 
 # the [[attribute]] arguments MLX adds for the built-in names a body uses
