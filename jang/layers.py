@@ -313,6 +313,9 @@ class _DecodeChain:
         chain = self._jang_chain(inputs, cache, input_embeddings)
         if chain is None:
             return super().__call__(inputs, cache, input_embeddings)
+        step = self._jang_step(cache)
+        if step is not None:
+            return self._jang_run_step(step, inputs, cache)
         first, links, last = chain
         offset = kernels.gpu.position(cache[0].offset)
         h, q, k, v = first(inputs, offset)
@@ -355,3 +358,65 @@ class _DecodeChain:
 
         links = [mx.compile(partial(link, a, b)) for a, b in zip(layers, layers[1:])]
         return mx.compile(first), links, mx.compile(last)
+
+    # ---- the whole step as one compiled call (route decode_step)
+    # The chain above still runs Python per block: the cache update and the attention
+    # call, ~65 us per block on the H100's host (2.1 ms of build per token on the 8B shape,
+    # docs/kernels.md), because the cache's length, and so the slices and the attention
+    # launch, change every step. With JANG's decode attention over the cache's whole
+    # buffer (its grid set by the buffer's capacity, the live length read from the
+    # position array on the device) and the KV write as a scatter at that position
+    # (mx.put_along_axis, indices on the device), nothing in the step depends on the length:
+    # one trace per buffer capacity (mlx-lm's KVCache grows in steps of 256) serves every
+    # step, and the step is one call. A step whose token does not fit the buffers runs
+    # the chain above, which grows them.
+
+    def _jang_step(self, cache):
+        """The compiled whole step for these caches, or None where it does not apply."""
+        shape = None if cache[0].keys is None else cache[0].keys.shape
+        if not kernels.route("decode_step") or any(
+                c.keys is None or c.offset >= shape[2] or c.keys.shape != shape or c.values.shape != shape for c in cache):
+            return None
+        step = self.__dict__.get("_jang_step_call")
+        if step is None:
+            step = self.__dict__["_jang_step_call"] = mx.compile(self._jang_step_function)
+        return step
+
+    def _jang_step_function(self, ids, pos, at, *buffers):
+        """(final hidden state, every block's updated key and value buffers) of one token.
+        at: the position broadcast to one token's (B, Hkv, 1, D) keys, where the scatter
+        writes them. Not mx.slice_update with an array start: MLX computes its offset into
+        an 8-byte array, which its CUDA allocator keeps in host memory, and the copy
+        kernel reading it took 17 us per call against 1.4 us (docs/kernels.md)."""
+        layers = self.layers
+        h = self.embed_tokens(ids)
+        q, k, v = layers[0]._jang_pre(h, pos)
+        updated = []
+        for i, layer in enumerate(layers):
+            keys = mx.put_along_axis(buffers[2 * i], at, k, axis=2)
+            values = mx.put_along_axis(buffers[2 * i + 1], at, v, axis=2)
+            updated += [keys, values]
+            h = layer._jang_post(h, kernels.buffer_attention(q, keys, values, layer.self_attn.scale, pos))
+            if i + 1 < len(layers):
+                q, k, v = layers[i + 1]._jang_pre(h, pos)
+        return (self.norm(h), *updated)
+
+    def _jang_run_step(self, step, inputs, cache):
+        pos = kernels.gpu.position(cache[0].offset)
+        B, Hkv, _, D = cache[0].keys.shape
+        at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (B, Hkv, 1, D))
+        buffers = []
+        for c in cache:  # the caches let go of their buffers, so MLX can write the token in place
+            buffers += [c.keys, c.values]
+            c.keys = c.values = None
+        try:
+            out = step(inputs, pos, at, *buffers)
+        except BaseException:
+            for c, keys, values in zip(cache, buffers[::2], buffers[1::2]):
+                c.keys, c.values = keys, values
+            raise
+        del buffers
+        for i, c in enumerate(cache):
+            c.keys, c.values = out[1 + 2 * i], out[2 + 2 * i]
+            c.offset += 1
+        return out[0]

@@ -25,12 +25,13 @@ for (int i = 0; i < 8; i++) out[i] = static_cast<float>(h[i]);
     const constant int* q_shape [[buffer(1)]],
     const constant int64_t* q_strides [[buffer(2)]],
     const device half* k [[buffer(3)]],
-    const constant int64_t* k_strides [[buffer(4)]],
-    const device half* v [[buffer(5)]],
-    const constant int64_t* v_strides [[buffer(6)]],
-    const device int* pos [[buffer(7)]],
-    const device float* scale [[buffer(8)]],
-    device float* out [[buffer(9)]],
+    const constant int* k_shape [[buffer(4)]],
+    const constant int64_t* k_strides [[buffer(5)]],
+    const device half* v [[buffer(6)]],
+    const constant int64_t* v_strides [[buffer(7)]],
+    const device int* pos [[buffer(8)]],
+    const device float* scale [[buffer(9)]],
+    device float* out [[buffer(10)]],
     uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]],
     uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]],
     uint thread_index_in_simdgroup [[thread_index_in_simdgroup]],
@@ -126,7 +127,7 @@ for (int r = 0; r < ROWS; r++) sum += jg_red[r * G * D + idx];
 const int g = idx / D;
 const int d = idx % D;
 const int h = hk * G + g;
-const int splits = (S + C - 1) / C;
+const int splits = (k_shape[2] + C - 1) / C;
 device float* op = out + ((b * Hq + h) * splits + split) * (D + 4);
 op[d] = sum;
 if (d == 0) { op[D] = jg_ml[2 * g]; op[D + 1] = jg_ml[2 * g + 1]; }

@@ -18,8 +18,10 @@ FAMILIES = {
 }
 
 
-def decode(model, steps=6):
+def decode(model, steps=6, kv_step=None):
     cache = make_prompt_cache(model)
+    for c in cache:  # a small growth step: the buffers grow mid-decode (the whole step then runs the chain once)
+        c.step = kv_step or c.step
     logits = [model(mx.array([[1, 2, 3, 4]]), cache=cache)[:, -1]]
     tok = mx.argmax(logits[-1], -1)
     for _ in range(steps):
@@ -30,7 +32,9 @@ def decode(model, steps=6):
 
 # the compiled path that ran: the per-block calls (model.model.layers[i]) or the chained
 # step (model.model), which the blocks' own path serves when the chain is off
-PATHS = {"chain": ("", lambda m: m.model.__dict__.get("_jang_chain_calls")),
+PATHS = {"step": ("", lambda m: "_jang_step_call" in m.model.__dict__),
+         "chain": ("decode_step=off", lambda m: m.model.__dict__.get("_jang_chain_calls")
+                   and "_jang_step_call" not in m.model.__dict__),
          "blocks": ("decode_chain=off", lambda m: "_jang_decode" in m.model.layers[0].__dict__
                     and "_jang_chain_calls" not in m.model.__dict__)}
 
@@ -51,8 +55,36 @@ def test_compiled_decode_matches(family, path):
     route, ran = PATHS[path]
     with kernels.enabled({"compiled_decode", route} - {""}):  # no CPU route turns it on by itself
         out = decode(model)
+        grown = decode(model, steps=9, kv_step=8)  # buffers of 8: they grow at the 5th decoded token
     assert ran(model)
     assert mx.allclose(out, ref, atol=1e-4).item()
+    assert mx.allclose(grown[:7], ref, atol=1e-4).item()
+    assert mx.allclose(grown, decode(model, steps=9), atol=1e-4).item()
+
+
+def test_whole_step_writes_the_cache_like_mlx_lm():
+    """The compiled whole step leaves each KVCache as mlx-lm's update would: offset one
+    further, this token's keys and values at that position, buffers of the same size."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
+    mx.random.seed(1)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    adopt_all(model)
+    ref_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    prompt, tok = mx.array([[3, 1, 4, 1, 5]]), mx.array([[9]])
+    model(prompt, cache=ref_cache)
+    ref = model(tok, cache=ref_cache)  # eager: mlx-lm's update_and_fetch
+    compile_decode(model)
+    with kernels.enabled({"compiled_decode"}):
+        model(prompt, cache=cache)
+        out = model(tok, cache=cache)
+    assert "_jang_step_call" in model.model.__dict__
+    assert mx.allclose(out, ref, atol=1e-4).item()
+    for c, r in zip(cache, ref_cache):
+        assert c.offset == r.offset == 6 and c.keys.shape == r.keys.shape
+        assert mx.allclose(c.keys[..., :6, :], r.keys[..., :6, :], atol=1e-4).item()
+        assert mx.allclose(c.values[..., :6, :], r.values[..., :6, :], atol=1e-4).item()
 
 
 @pytest.mark.real
@@ -84,6 +116,6 @@ def test_compiled_decode_on_smollm2(smollm2_float, austen_text):
     assert compile_decode(model) == 30
     with kernels.enabled({"compiled_decode"}):
         logits, tokens = continuation()
-    assert PATHS["chain"][1](model)
+    assert PATHS["step"][1](model)
     assert tokens == ref_tokens
     assert mx.allclose(logits, ref_logits, atol=1e-3, rtol=1e-3).item()

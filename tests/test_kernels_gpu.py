@@ -295,8 +295,9 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(out, ref + resid.astype(mx.float32)) < TOL[mx.float16]
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_chain=off",), ("decode_attention=off",)],
-                         ids=["cuda-core", "tensor-core", "per-block", "mlx-attention"])
+@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_step=off",), ("decode_chain=off",),
+                                   ("decode_attention=off",)],
+                         ids=["cuda-core", "tensor-core", "chain", "per-block", "mlx-attention"])
 def test_compiled_decode_with_fused_kernels(extra):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across
@@ -316,7 +317,8 @@ def test_compiled_decode_with_fused_kernels(extra):
     model.set_dtype(mx.float16)
     nn.quantize(model, group_size=64, bits=4)
 
-    prompt = mx.random.randint(0, 1000, (1, 150))  # past one split of the decode attention (128 keys here)
+    # past one split of the decode attention (128 keys here), and the KV buffers (256) grow at the 3rd token
+    prompt = mx.random.randint(0, 1000, (1, 254))
 
     def decode():
         cache = make_prompt_cache(model)
@@ -334,6 +336,7 @@ def test_compiled_decode_with_fused_kernels(extra):
     assert type(model.model.layers[0]).__name__.startswith("Compiled")
     chained = bool(model.model.__dict__.get("_jang_chain_calls"))
     assert chained == ("decode_chain=off" not in extra)
+    assert ("_jang_step_call" in model.model.__dict__) == (chained and "decode_step=off" not in extra)
     assert rel_err(out, ref) < 1e-2
 
 

@@ -50,6 +50,9 @@ ROUTES = {
         "norm_rope": False,  # faster kernel; no attention module is patched to use it yet
         # one-token attention over the KV cache in compiled decode: the split kernel (gpu.attention_decode)
         "decode_attention": True,
+        # ... and then the whole one-token step as one compiled call (layers._DecodeChain._jang_step),
+        # the KV-cache writes included: no Python per block
+        "decode_step": True,
         # the same kernel for mlx-lm's attention modules (layers.patch_attention). The patch is
         # module-wide, so mlx-lm models in the same process would take it too: opt-in
         "attention": False,
@@ -60,7 +63,7 @@ ROUTES = {
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
     # by default (not measured): JANG_ENABLE=compiled_decode tries it
-    "cpu": {"compiled_decode": False, "decode_chain": True},
+    "cpu": {"compiled_decode": False, "decode_chain": True, "decode_step": True},
 }
 
 
@@ -304,3 +307,12 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
     if mask is not None or not route(op) or not gpu.attention_decode_supported(q, k):
         return None
     return gpu.attention_decode(q, k, v, scale, length)
+
+
+def buffer_attention(q, keys, values, scale, pos):
+    """One token's attention over KV-cache buffers whose keys 0 .. pos are live (pos: a
+    (1,) int32 array): JANG's decode kernel where routed, else the reference's masked
+    attention. Shapes do not depend on pos, so mx.compile traces it once per buffer size."""
+    if route("decode_attention") and gpu.attention_decode_supported(q, keys):
+        return gpu.attention_decode(q, keys, values, scale, pos=pos)
+    return reference.attention_decode(q, keys, values, scale, pos)

@@ -381,6 +381,7 @@ ATTENTION_MAX_G = 8
 
 
 def attention_decode_supported(q, k) -> bool:
+    """Whether attention_decode covers these heads, head dim and dtype."""
     B, Hq, L, D = q.shape
     return (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
             and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G)
@@ -393,23 +394,28 @@ def _decode_chunk(D, G, warps, per=None):
     return per, per * warps * 32 // (D // 8)
 
 
-def attention_decode(q, k, v, scale, length=None, warps=None, per=None):
+def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None):
     """Attention of one query token, q (B, Hq, 1, D), over keys/values (B, Hkv, S, D)
-    (any strides, last axis contiguous): (B, Hq, 1, D). length: the live keys, when k
-    and v are a KV cache's whole buffer (their first ``length`` positions count); else
-    all S. Split over the keys in chunks of C (flash-decoding): one launch when the keys
-    fit one chunk, else a second that merges the chunks."""
+    (any strides, last axis contiguous): (B, Hq, 1, D). Split over the keys in chunks of
+    C (flash-decoding): one launch when they fit one chunk, else a second that merges
+    the chunks. Which keys count:
+    - pos, a (1,) int32 device array holding the query's position: keys 0 .. pos;
+    - else length: the first ``length`` keys; else all S.
+    The launch covers all S keys whichever count (chunks past the live ones add
+    nothing), so over a KV cache's whole buffer it keeps its shapes, and one trace of
+    mx.compile serves every step until the buffer grows."""
     B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    S = k.shape[2] if length is None else length
+    if pos is None:
+        pos = position((S if length is None else length) - 1)
     warps = warps or ATTENTION_DECODE["WARPS"]
     per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
     kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale"), ("out",), _dialect(),
                           contiguous=False, defines=("JG_FINAL",) if final else ())
-    (part,) = kern(inputs=[q, k, v, position(S - 1), _scalar(float(scale))],
+    (part,) = kern(inputs=[q, k, v, pos, _scalar(float(scale))],
                    template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
                    grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
                    output_shapes=[(B, Hq, 1, D) if final else (B, Hq, splits, D + 4)],

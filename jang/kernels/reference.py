@@ -22,3 +22,11 @@ def embedding_lookup(ids, w, scales, biases, group_size, bits, mode="affine"):
         w[ids], scales=scales[ids], biases=None if biases is None else biases[ids],
         group_size=group_size, bits=bits, mode=mode,
     )
+
+
+def attention_decode(q, k, v, scale, pos):
+    """One query token over KV-cache buffers whose keys 0 .. pos are live (pos: a (1,)
+    int32 array): MLX's attention over the whole buffer with the rest masked off, so
+    the shapes do not depend on pos (the compiled whole decode step on any backend)."""
+    live = mx.arange(k.shape[2], dtype=mx.int32) <= pos
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=live)
