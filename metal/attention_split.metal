@@ -4,6 +4,11 @@ using namespace metal;
 inline float jg_warp_sum(float v) { return simd_sum(v); }
 inline float jg_warp_max(float v) { return simd_max(v); }
 inline float jg_shfl_xor(float v, int o) { return simd_shuffle_xor(v, ushort(o)); }
+inline void jg_fence() { threadgroup_barrier(mem_flags::mem_device); }
+inline int jg_atomic_add(const device int* p, int v) {
+return atomic_fetch_add_explicit((device atomic_int*)p, v, memory_order_relaxed);
+}
+inline float jg_load_l2(const device float* p) { return *p; }
 inline uint4 jg_zero4() { return uint4(0u); }
 inline float jg_exp(float v) { return fast::exp(v); }
 template <typename U>
@@ -31,7 +36,9 @@ for (int i = 0; i < 8; i++) out[i] = static_cast<float>(h[i]);
     const constant int64_t* v_strides [[buffer(7)]],
     const device int* pos [[buffer(8)]],
     const device float* scale [[buffer(9)]],
-    device float* out [[buffer(10)]],
+    const device int* counter [[buffer(10)]],
+    device half* out [[buffer(11)]],
+    device float* part [[buffer(12)]],
     uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]],
     uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]],
     uint thread_index_in_simdgroup [[thread_index_in_simdgroup]],
@@ -48,6 +55,7 @@ const int hk = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
 const int S = pos[0] + 1;
 const int Hq = q_shape[1];
+const int Hkv = k_shape[1];
 const int row = int(thread_position_in_threadgroup.x) / LK;
 const int j = int(thread_position_in_threadgroup.x) % LK;
 const int c0 = split * C;
@@ -120,6 +128,7 @@ for (int g = 0; g < G; g++)
 #pragma unroll
 for (int e = 0; e < 8; e++) jg_red[(row * G + g) * D + 8 * j + e] = acc[g][e];
 threadgroup_barrier(mem_flags::mem_threadgroup);
+const int splits = (k_shape[2] + C - 1) / C;
 for (int idx = int(thread_position_in_threadgroup.x); idx < G * D; idx += WARPS * 32) {
 float sum = 0.0f;
 #pragma unroll
@@ -127,8 +136,45 @@ for (int r = 0; r < ROWS; r++) sum += jg_red[r * G * D + idx];
 const int g = idx / D;
 const int d = idx % D;
 const int h = hk * G + g;
-const int splits = (k_shape[2] + C - 1) / C;
-device float* op = out + ((b * Hq + h) * splits + split) * (D + 4);
-op[d] = sum;
-if (d == 0) { op[D] = jg_ml[2 * g]; op[D + 1] = jg_ml[2 * g + 1]; }
+device float* pp = part + ((b * Hq + h) * splits + split) * (D + 4);
+pp[d] = sum;
+if (d == 0) { pp[D] = jg_ml[2 * g]; pp[D + 1] = jg_ml[2 * g + 1]; }
+}
+threadgroup int jg_last;
+jg_fence();
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (int(thread_position_in_threadgroup.x) == 0) jg_last = jg_atomic_add(counter + b * Hkv + hk, 1) == splits - 1;
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (jg_last) {
+threadgroup float* wts = jg_red;
+threadgroup float* ls = jg_red + G * splits;
+for (int t2 = int(thread_position_in_threadgroup.x); t2 < G * splits; t2 += WARPS * 32) {
+const device float* pp = part + ((b * Hq + hk * G + t2 / splits) * splits + t2 % splits) * (D + 4);
+wts[t2] = jg_load_l2(pp + D);
+ls[t2] = jg_load_l2(pp + D + 1);
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int g = int(simdgroup_index_in_threadgroup); g < G; g += WARPS) {
+float M = -1e30f;
+for (int s = int(thread_index_in_simdgroup); s < splits; s += 32) M = max(M, wts[g * splits + s]);
+M = jg_warp_max(M);
+float L = 0.0f;
+for (int s = int(thread_index_in_simdgroup); s < splits; s += 32) {
+const float w = jg_exp(wts[g * splits + s] - M);
+wts[g * splits + s] = w;
+L += w * ls[g * splits + s];
+}
+const float inv = 1.0f / jg_warp_sum(L);
+for (int s = int(thread_index_in_simdgroup); s < splits; s += 32) wts[g * splits + s] *= inv;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int idx = int(thread_position_in_threadgroup.x); idx < G * D; idx += WARPS * 32) {
+const int g = idx / D;
+const device float* pp = part + (b * Hq + hk * G + g) * splits * (D + 4) + idx % D;
+float o = 0.0f;
+#pragma unroll 4
+for (int s = 0; s < splits; s++) o += wts[g * splits + s] * jg_load_l2(pp + s * (D + 4));
+out[(b * Hq + hk * G + g) * D + idx % D] = static_cast<T>(o);
+}
+if (int(thread_position_in_threadgroup.x) == 0) jg_atomic_add(counter + b * Hkv + hk, -splits);
 }}

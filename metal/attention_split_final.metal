@@ -25,12 +25,14 @@ for (int i = 0; i < 8; i++) out[i] = static_cast<float>(h[i]);
     const constant int* q_shape [[buffer(1)]],
     const constant int64_t* q_strides [[buffer(2)]],
     const device half* k [[buffer(3)]],
-    const constant int64_t* k_strides [[buffer(4)]],
-    const device half* v [[buffer(5)]],
-    const constant int64_t* v_strides [[buffer(6)]],
-    const device int* pos [[buffer(7)]],
-    const device float* scale [[buffer(8)]],
-    device float* out [[buffer(9)]],
+    const constant int* k_shape [[buffer(4)]],
+    const constant int64_t* k_strides [[buffer(5)]],
+    const device half* v [[buffer(6)]],
+    const constant int64_t* v_strides [[buffer(7)]],
+    const device int* pos [[buffer(8)]],
+    const device float* scale [[buffer(9)]],
+    const device int* counter [[buffer(10)]],
+    device half* out [[buffer(11)]],
     uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]],
     uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]],
     uint thread_index_in_simdgroup [[thread_index_in_simdgroup]],
@@ -48,6 +50,7 @@ const int hk = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
 const int S = pos[0] + 1;
 const int Hq = q_shape[1];
+const int Hkv = k_shape[1];
 const int row = int(thread_position_in_threadgroup.x) / LK;
 const int j = int(thread_position_in_threadgroup.x) % LK;
 const int c0 = split * C;

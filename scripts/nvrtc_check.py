@@ -66,13 +66,11 @@ KERNELS = {
                   "constexpr int WARPS = 4;"),
     "attention": ([("q", "__half"), ("k", "__half"), ("v", "__half"), ("scale", "float")],
                   "using T = __half; constexpr int D = 128; constexpr int WINDOW = 0; constexpr int WARPS = 4;"),
-    "attention_split": ([("q", "__half"), ("k", "__half"), ("v", "__half"), ("pos", "int32_t"), ("scale", "float")],
+    "attention_split": ([("q", "__half"), ("k", "__half"), ("v", "__half"), ("pos", "int32_t"), ("scale", "float"),
+                         ("counter", "int32_t")],
                         "using T = __half; constexpr int D = 128; constexpr int G = 4; constexpr int PER = 8; "
                         "constexpr int WARPS = 4;"),
-    "attention_merge": ([("part", "float")], "using T = __half; constexpr int D = 128;"),
 }
-# kernels whose output is not their first input's type (the split partials are fp32)
-OUT_TYPES = {"attention_split": "float"}
 
 # the fused decode variants, as metal_export lists them, with CUDA's type names
 _CUDA_TYPE = {"half": "__half", "int": "int32_t"}
@@ -110,8 +108,10 @@ def source(name):
                              ("_ndim", "const __grid_constant__ int")):
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix}")
-    out_t = OUT_TYPES.get(body_name) or ("__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half")
+    out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
     args += [f"{out_t}* {o}" for o in ["out", *extra_out]]
+    if not defines:
+        args += [f"{t}* {o}" for o, t in metal_export.OUTPUTS_OF_BODY.get(body_name, ())]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body

@@ -64,6 +64,10 @@ inline float jg_warp_max(float v) {
   return v;
 }
 inline float jg_shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+// cross-block hand-off (attention_split's last block): publish, count, read from L2
+inline void jg_fence() { __threadfence(); }
+inline int jg_atomic_add(const int* p, int v) { return atomicAdd(const_cast<int*>(p), v); }
+inline float jg_load_l2(const float* p) { return __ldcg(p); }
 inline float jg_bits_float(uint32_t v) { return __uint_as_float(v); }
 inline uint4 jg_zero4() { return make_uint4(0u, 0u, 0u, 0u); }
 inline float jg_exp(float v) { return __expf(v); }
@@ -141,6 +145,11 @@ using namespace metal;
 inline float jg_warp_sum(float v) { return simd_sum(v); }
 inline float jg_warp_max(float v) { return simd_max(v); }
 inline float jg_shfl_xor(float v, int o) { return simd_shuffle_xor(v, ushort(o)); }
+inline void jg_fence() { threadgroup_barrier(mem_flags::mem_device); }
+inline int jg_atomic_add(const device int* p, int v) {
+  return atomic_fetch_add_explicit((device atomic_int*)p, v, memory_order_relaxed);
+}
+inline float jg_load_l2(const device float* p) { return *p; }
 inline float jg_bits_float(uint32_t v) { return as_type<float>(v); }
 inline uint4 jg_zero4() { return uint4(0u); }
 inline float jg_exp(float v) { return fast::exp(v); }

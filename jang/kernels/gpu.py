@@ -381,10 +381,16 @@ ATTENTION_MAX_G = 8
 
 
 def attention_decode_supported(q, k) -> bool:
-    """Whether attention_decode covers these heads, head dim and dtype."""
+    """Whether attention_decode covers these heads, head dim, dtype and keys: the last
+    block merges the splits through 2 G splits floats of its ROWS G D shared ones, so at
+    most ROWS D / 2 splits (32k keys for 4 warps and G <= 4, 16k for G up to 8)."""
     B, Hq, L, D = q.shape
-    return (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
-            and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G)
+    if not (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
+            and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G):
+        return False
+    warps = ATTENTION_DECODE["WARPS"]
+    per, C = _decode_chunk(D, Hq // k.shape[1], warps)
+    return -(-k.shape[2] // C) <= (warps * 32 // (D // 8)) * D // 2
 
 
 def _decode_chunk(D, G, warps, per=None):
@@ -394,11 +400,22 @@ def _decode_chunk(D, G, warps, per=None):
     return per, per * warps * 32 // (D // 8)
 
 
+@lru_cache(maxsize=None)
+def _attention_counter(n: int):
+    """attention_split's per-(batch row, KV head) block counts: zeros, and zero again
+    after every launch (its last block resets them). At least 4 ints: an array of up to
+    8 bytes would live in MLX's host-side pool (_scalar). Launches share it; they run
+    one after another (each layer's attention waits on the previous layer's output)."""
+    counter = mx.zeros((max(4, n),), mx.int32)
+    mx.eval(counter)
+    return counter
+
+
 def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None):
     """Attention of one query token, q (B, Hq, 1, D), over keys/values (B, Hkv, S, D)
-    (any strides, last axis contiguous): (B, Hq, 1, D). Split over the keys in chunks of
-    C (flash-decoding): one launch when they fit one chunk, else a second that merges
-    the chunks. Which keys count:
+    (any strides, last axis contiguous): (B, Hq, 1, D), in one launch, split over the
+    keys in chunks of C (flash-decoding) with the last block merging them. Which keys
+    count:
     - pos, a (1,) int32 device array holding the query's position: keys 0 .. pos;
     - else length: the first ``length`` keys; else all S.
     The launch covers all S keys whichever count (chunks past the live ones add
@@ -413,18 +430,16 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
-    kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale"), ("out",), _dialect(),
+    kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale", "counter"),
+                          ("out",) if final else ("out", "part"), _dialect(),
                           contiguous=False, defines=("JG_FINAL",) if final else ())
-    (part,) = kern(inputs=[q, k, v, pos, _scalar(float(scale))],
-                   template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
-                   grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
-                   output_shapes=[(B, Hq, 1, D) if final else (B, Hq, splits, D + 4)],
-                   output_dtypes=[q.dtype if final else mx.float32])
-    if final:
-        return part
-    merge = dialect.kernel("attention_merge", ("part",), ("out",), _dialect())
-    return merge(inputs=[part], template=[("T", q.dtype), ("D", D)], grid=(B * Hq * D, 1, 1),
-                 threadgroup=(D, 1, 1), output_shapes=[(B, Hq, 1, D)], output_dtypes=[q.dtype])[0]
+    shapes, dtypes = [(B, Hq, 1, D)], [q.dtype]
+    if not final:
+        shapes, dtypes = shapes + [(B, Hq, splits, D + 4)], dtypes + [mx.float32]
+    return kern(inputs=[q, k, v, pos, _scalar(float(scale)), _attention_counter(B * Hkv)],
+                template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
+                grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
+                output_shapes=shapes, output_dtypes=dtypes)[0]
 
 
 def attention(q, k, v, scale, window=0, warps=4):

@@ -28,10 +28,10 @@ CONFIGS = {
                   "constexpr int WARPS = 4;"),
     "attention": ([("q", "half"), ("k", "half"), ("v", "half"), ("scale", "float")], "half",
                   "typedef half T; constexpr int D = 128; constexpr int WINDOW = 0; constexpr int WARPS = 4;"),
-    "attention_split": ([("q", "half"), ("k", "half"), ("v", "half"), ("pos", "int"), ("scale", "float")], "float",
+    "attention_split": ([("q", "half"), ("k", "half"), ("v", "half"), ("pos", "int"), ("scale", "float"),
+                         ("counter", "int")], "half",
                         "typedef half T; constexpr int D = 128; constexpr int G = 4; constexpr int PER = 8; "
                         "constexpr int WARPS = 4;"),
-    "attention_merge": ([("part", "float")], "half", "typedef half T; constexpr int D = 128;"),
 }
 
 # the fused decode variants: name -> (body, defines, extra inputs, extra outputs)
@@ -49,6 +49,9 @@ VARIANTS = {
     # the keys fit one split: the normalised output (T) written by step 1 itself
     "attention_split_final": ("attention_split", ("JG_FINAL",), [], []),
 }
+
+# more outputs of a body built without defines, with their own types
+OUTPUTS_OF_BODY = {"attention_split": [("part", "float")]}  # the splits' partials (JG_FINAL: none)
 
 # the [[attribute]] arguments MLX adds for the built-in names a body uses
 ATTRIBUTES = ("thread_position_in_threadgroup", "threadgroup_position_in_grid",
@@ -71,8 +74,9 @@ def metal_source(name: str) -> str:
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix} [[buffer({slot})]]")
                 slot += 1
-    for o in ["out", *extra_out]:
-        args.append(f"device {out_type}* {o} [[buffer({slot})]]")
+    for o in ["out", *extra_out, *(() if defines else OUTPUTS_OF_BODY.get(body_name, ()))]:
+        o, o_type = o if isinstance(o, tuple) else (o, out_type)
+        args.append(f"device {o_type}* {o} [[buffer({slot})]]")
         slot += 1
     for attr in ATTRIBUTES:
         if attr in body:
