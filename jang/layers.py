@@ -233,8 +233,8 @@ def _attend(q, k, v, cache, scale):
     """One token's k and v into the KVCache, then its attention over the cache. JANG's
     decode kernel (route decode_attention) reads the cache's whole buffers up to the live
     length, so the two slices update_and_fetch hands back are never evaluated: two
-    graph nodes fewer per block, and no cuDNN call, whose host-side encoding costs
-    ~70 us per block on the H100 (docs/kernels.md)."""
+    graph nodes fewer per block, and no cuDNN call, whose host-side encoding cost
+    33-70 us per block on the H100 (docs/kernels.md)."""
     keys, values = cache.update_and_fetch(k, v)
     out = kernels.attention(q, cache.keys, cache.values, scale, None, length=cache.offset, op="decode_attention")
     return scaled_dot_product_attention(q, keys, values, cache=cache, scale=scale, mask=None) if out is None else out

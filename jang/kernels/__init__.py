@@ -29,7 +29,9 @@ from . import cpu, gpu, reference
 # the compiled one-token block (compiled_decode) with the fused decode kernels inside it
 # (fused_decode: RMSNorm + q/k/v + RoPE of q and k in one launch, o_proj + residual,
 # RMSNorm + gate + up + SwiGLU, down + residual) runs ~260 launches per token instead
-# of 583: 1.17-1.36x mlx-lm's decode on the 8B shape (alternating rounds).
+# of 583 (1.17-1.36x mlx-lm's decode on the 8B shape, session 3). Since session 11 the
+# whole one-token step is one compiled call (decode_step, with JANG's decode attention):
+# 228 launches, no Python per block, 1.91-2.11x mlx-lm in three runs (alternating rounds).
 # Prefill (dequantize + cuBLAS from 512 tokens, 1.8-3.2x per GEMM) and the embedding
 # gather are on too.
 # Metal is compiled for syntax only (no Apple GPU here): MLX's ops until measured.
