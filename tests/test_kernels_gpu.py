@@ -295,9 +295,9 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(out, ref + resid.astype(mx.float32)) < TOL[mx.float16]
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("decode_step=off",), ("decode_chain=off",),
+@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("fused_tc_mlp",), ("decode_step=off",), ("decode_chain=off",),
                                    ("decode_attention=off",)],
-                         ids=["cuda-core", "tensor-core", "chain", "per-block", "mlx-attention"])
+                         ids=["cuda-core", "tensor-core", "tensor-core-mlp", "chain", "per-block", "mlx-attention"])
 def test_compiled_decode_with_fused_kernels(extra):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across

@@ -46,6 +46,10 @@ ROUTES = {
         # 4.3 -> 3.5 ms on the 8B shape, but end to end no faster (171 vs 178 and 145 vs 184
         # tok/s in two alternating runs): decode is host-bound (docs/kernels.md, session 5)
         "fused_tc": False,
+        # gate/up (+ norm, SwiGLU) alone on the tensor cores, q/k/v on the CUDA cores: GPU time per
+        # token 3.09 -> 3.03 ms on the 8B shape (gate/up 1234 -> 1159 us), but no faster end to end
+        # in the one run (session 11, docs/kernels.md)
+        "fused_tc_mlp": False,
         "prefill": "dequant",  # many tokens: "qmm" (fused tensor-core, 2-3x slower than MLX), "dequant" or "mlx"
         "embedding": True,
         "swiglu": False,  # as qmv (the MLP outside compiled decode)
@@ -235,7 +239,7 @@ def swiglu(x, gate, up, norm=None):
         return None
     if norm is None and gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
         return None  # a plain swap of launches: only where the kernel is faster on the GPU
-    tc = route("fused_tc") and _tensor_cores(x, gate.bits, gate.group_size)
+    tc = (route("fused_tc") or route("fused_tc_mlp")) and _tensor_cores(x, gate.bits, gate.group_size)
     fused = gpu.swiglu_tc if tc else gpu.swiglu
     return fused(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits, norm=None if norm is None else _rms(norm))
 
