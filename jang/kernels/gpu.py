@@ -72,11 +72,11 @@ FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "bias
 
 @lru_cache(maxsize=None)
 def _scalar(value: float):
-    """A float (eps, an attention scale) as an array the kernels read at index 0. Four copies, not one: MLX's CUDA
-    backend keeps arrays of up to 8 bytes in a managed-memory pool that stays on the host
-    (cudaMemAdviseSetAccessedBy), and every kernel reading one waits on the bus; a larger
-    one made from host values moves to the GPU when first read (session 10: the 4-byte
-    eps took the q/k/v kernel's launch from ~12 to ~25 us; position)."""
+    """A float (eps, an attention scale) as an array the kernels read at index 0. Four
+    copies, not one: MLX's CUDA backend keeps arrays of up to 8 bytes in a managed-memory
+    pool that stays on the host (cudaMemAdviseSetAccessedBy), and every kernel reading one
+    waits on the bus; a larger one made from host values moves to the GPU when first read
+    (session 10: the 4-byte eps took the q/k/v kernel's launch from ~12 to ~25 us)."""
     return mx.array([value] * 4, mx.float32)
 
 
@@ -373,8 +373,8 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
     return y
 
 
-# Decode attention (attention_split / attention_merge): the block's warps and key rows
-# per thread, swept by `jang bench kernels` (docs/kernels.md). G (query heads per KV
+# Decode attention (attention_split, one launch): the block's warps and key rows per
+# thread, swept by `jang bench kernels` (docs/kernels.md). G (query heads per KV
 # head) up to 8: jg_red holds ROWS * G * D floats, 32 KB at G = 8 with 4 warps.
 ATTENTION_DECODE = {"WARPS": 4, "PER": 8}
 ATTENTION_MAX_G = 8
@@ -388,9 +388,8 @@ def attention_decode_supported(q, k) -> bool:
     if not (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
             and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G):
         return False
-    warps = ATTENTION_DECODE["WARPS"]
-    per, C = _decode_chunk(D, Hq // k.shape[1], warps)
-    return -(-k.shape[2] // C) <= (warps * 32 // (D // 8)) * D // 2
+    per, C = _decode_chunk(D, Hq // k.shape[1], ATTENTION_DECODE["WARPS"])
+    return -(-k.shape[2] // C) <= (C // per) * D // 2  # C // per: the block's ROWS
 
 
 def _decode_chunk(D, G, warps, per=None):
