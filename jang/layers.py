@@ -259,7 +259,9 @@ class _CompiledDecode:
     # One token: (B, 1, H, D) and (B, H, 1, D) hold the same elements in the same order,
     # so the fused kernel writes q, k and v straight in the (B, H, 1, D) layout attention
     # reads (no reshape + transpose nodes, each of which costs host time to evaluate).
-    def _jang_pre(self, x, offset):
+    def _jang_pre(self, x, offset, kv_pair=False):
+        """(q, k, v) of one token, or with kv_pair (q, kv): k and v as one (2 B, Hkv, 1, D)
+        array, which the whole step writes into the cache with one scatter, not two."""
         a = self.self_attn
         B = x.shape[0]
         heads = (a.n_heads, a.n_kv_heads, a.n_kv_heads)
@@ -268,16 +270,18 @@ class _CompiledDecode:
         rope = a.rope if qk_norms == [None, None] else None
         shapes = [(B, n, 1, p["weight"].shape[0] // n) for p, n in zip(projections, heads)]
         # norm + 3 GEMVs (+ RoPE of q and k, whose heads are q's) in one launch
-        fused = kernels.qkv(x, projections, self.input_layernorm, rope, shapes[0][-1], offset, shapes)
+        fused = kernels.qkv(x, projections, self.input_layernorm, rope, shapes[0][-1], offset, shapes, kv_pair)
         if fused is None:
             h = self.input_layernorm(x)
             q, k, v = (p(h).reshape(B, n, 1, -1) for p, n in zip(projections, heads))
         else:
             q, k, v, rotated = fused
-            if rotated:
-                return q, k, v
-        q, k = (y if norm is None else norm(y) for y, norm in zip((q, k), qk_norms))
-        return a.rope(q, offset=offset), a.rope(k, offset=offset), v
+            if v is None:  # the kernel wrote k and v as one pair
+                return q, k
+        if fused is None or not rotated:
+            q, k = (y if norm is None else norm(y) for y, norm in zip((q, k), qk_norms))
+            q, k = a.rope(q, offset=offset), a.rope(k, offset=offset)
+        return (q, mx.concatenate([k, v], axis=0)) if kv_pair else (q, k, v)
 
     def _jang_post(self, x, attn_out):
         # o_proj + residual in one launch, reading attention's (B, H, 1, D) as (B, 1, H * D)
@@ -383,40 +387,62 @@ class _DecodeChain:
         return step
 
     def _jang_step_function(self, ids, pos, at, *buffers):
-        """(final hidden state, every block's updated key and value buffers) of one token.
-        at: the position broadcast to one token's (B, Hkv, 1, D) keys, where the scatter
-        writes them. Not mx.slice_update with an array start: MLX computes its offset into
-        an 8-byte array, which its CUDA allocator keeps in host memory, and the copy
-        kernel reading it took 17 us per call against 1.4 us (docs/kernels.md)."""
+        """(final hidden state, every block's updated KV buffer) of one token. buffers[i]:
+        block i's keys and values as one (2 B, Hkv, capacity, D) array (keys first), so
+        one scatter per block writes the token's pair. at: the position broadcast to a
+        pair's (2 B, Hkv, 1, D), where the scatter writes it. Not mx.slice_update with an
+        array start: MLX computes its offset into an 8-byte array, which its CUDA
+        allocator keeps in host memory, and the copy kernel reading it took 17 us per
+        call against 1.4 us (docs/kernels.md)."""
         layers = self.layers
         h = self.embed_tokens(ids)
-        q, k, v = layers[0]._jang_pre(h, pos)
+        q, kv = layers[0]._jang_pre(h, pos, kv_pair=True)
         updated = []
         for i, layer in enumerate(layers):
-            keys = mx.put_along_axis(buffers[2 * i], at, k, axis=2)
-            values = mx.put_along_axis(buffers[2 * i + 1], at, v, axis=2)
-            updated += [keys, values]
-            h = layer._jang_post(h, kernels.buffer_attention(q, keys, values, layer.self_attn.scale, pos))
+            buffer = mx.put_along_axis(buffers[i], at, kv, axis=2)
+            updated.append(buffer)
+            h = layer._jang_post(h, kernels.buffer_attention(q, buffer, layer.self_attn.scale, pos))
             if i + 1 < len(layers):
-                q, k, v = layers[i + 1]._jang_pre(h, pos)
+                q, kv = layers[i + 1]._jang_pre(h, pos, kv_pair=True)
         return (self.norm(h), *updated)
 
     def _jang_run_step(self, step, inputs, cache):
         pos = kernels.gpu.position(cache[0].offset)
         B, Hkv, _, D = cache[0].keys.shape
-        at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (B, Hkv, 1, D))
-        buffers = []
-        for c in cache:  # the caches let go of their buffers, so MLX can write the token in place
-            buffers += [c.keys, c.values]
-            c.keys = c.values = None
+        at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (2 * B, Hkv, 1, D))
+        buffers = [_take_kv_pair(c) for c in cache]
         try:
             out = step(inputs, pos, at, *buffers)
         except BaseException:
-            for c, keys, values in zip(cache, buffers[::2], buffers[1::2]):
-                c.keys, c.values = keys, values
+            for c, kv in zip(cache, buffers):
+                _give_kv_pair(c, kv)
             raise
         del buffers
-        for i, c in enumerate(cache):
-            c.keys, c.values = out[1 + 2 * i], out[2 + 2 * i]
+        for c, kv in zip(cache, out[1:]):
+            _give_kv_pair(c, kv)
             c.offset += 1
         return out[0]
+
+
+# The whole step keeps each KVCache's keys and values as the two halves of one buffer,
+# (2 B, Hkv, capacity, D): one scatter per block writes a token's pair (64 graph nodes
+# per token on the 8B shape became 32, each ~10 us of MLX's host time; docs/kernels.md).
+# The cache's keys and values are the buffer's halves (mx.split: contiguous, so mlx-lm
+# reads and grows them as ever); the buffer itself rides along in the cache's __dict__.
+
+def _take_kv_pair(cache):
+    """The cache's KV buffer for the step, its keys and values as one array, and the
+    cache's own references to it dropped: with none left but the step's, MLX writes
+    the token into it in place. Keys and values that are not the halves the last step
+    left (a new cache, or one the chain has grown) are joined into a new buffer once."""
+    kv, keys, values = cache.__dict__.pop("_jang_kv", (None, None, None))
+    if kv is None or keys is not cache.keys or values is not cache.values:
+        kv = mx.concatenate([cache.keys, cache.values], axis=0)
+    cache.keys = cache.values = None
+    return kv
+
+
+def _give_kv_pair(cache, kv):
+    """Hand the cache its keys and values as the two halves of kv."""
+    cache.keys, cache.values = mx.split(kv, 2, axis=0)
+    cache.__dict__["_jang_kv"] = (kv, cache.keys, cache.values)

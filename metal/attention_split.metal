@@ -60,7 +60,8 @@ const int row = int(thread_position_in_threadgroup.x) / LK;
 const int j = int(thread_position_in_threadgroup.x) % LK;
 const int c0 = split * C;
 const device T* kp = k + b * k_strides[0] + hk * k_strides[1] + 8 * j;
-const device T* vp = v + b * v_strides[0] + hk * v_strides[1] + 8 * j;
+const int vb = b;
+const device T* vp = v + vb * v_strides[0] + hk * v_strides[1] + 8 * j;
 uint4 kr[PER], vr[PER];
 #pragma unroll
 for (int i = 0; i < PER; i++) {

@@ -102,7 +102,10 @@ int N = w_shape[0];
 bool rotate = false;
 {
 const int b0 = N / (WARPS * R), b1 = w1_shape[0] / (WARPS * R);
-if (blk >= b0 + b1) { blk -= b0 + b1; W = w2; S = scales2; B = biases2; O = out2; N = w2_shape[0]; }
+if (blk >= b0 + b1) {
+blk -= b0 + b1; W = w2; S = scales2; B = biases2; N = w2_shape[0];
+O = out2;
+}
 else {
 if (blk >= b0) { blk -= b0; W = w1; S = scales1; B = biases1; O = out1; N = w1_shape[0]; }
 rotate = true;

@@ -88,6 +88,8 @@ VARIANTS.update({
     "qmv_tc_stream": ("qmv_tc", ("JG_TC_STREAM",), [], []),
     "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
                                _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
+    "qmv_tc_multi_kv_pair_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_KV_PAIR", "JG_NORM", "JG_ROPE"),
+                                       _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1"]),
 })
 
 # more template instances of one body: name -> body
@@ -110,8 +112,9 @@ def source(name):
                 args.append(f"{decl} {n}{suffix}")
     out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
     args += [f"{out_t}* {o}" for o in ["out", *extra_out]]
-    if not defines:
-        args += [f"{t}* {o}" for o, t in metal_export.OUTPUTS_OF_BODY.get(body_name, ())]
+    unless, more = metal_export.OUTPUTS_OF_BODY.get(body_name, (None, []))
+    if unless not in defines:
+        args += [f"{t}* {o}" for o, t in more]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body

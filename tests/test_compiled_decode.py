@@ -64,7 +64,8 @@ def test_compiled_decode_matches(family, path):
 
 def test_whole_step_writes_the_cache_like_mlx_lm():
     """The compiled whole step leaves each KVCache as mlx-lm's update would: offset one
-    further, this token's keys and values at that position, buffers of the same size."""
+    further, this token's keys and values at that position, buffers of the same size,
+    for a batch of two (the step's KV buffer holds both rows' keys, then their values)."""
     args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
     mx.random.seed(1)
@@ -72,7 +73,7 @@ def test_whole_step_writes_the_cache_like_mlx_lm():
     nn.quantize(model, group_size=32, bits=4)
     adopt_all(model)
     ref_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
-    prompt, tok = mx.array([[3, 1, 4, 1, 5]]), mx.array([[9]])
+    prompt, tok = mx.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]), mx.array([[9], [6]])
     model(prompt, cache=ref_cache)
     ref = model(tok, cache=ref_cache)  # eager: mlx-lm's update_and_fetch
     compile_decode(model)
@@ -85,6 +86,36 @@ def test_whole_step_writes_the_cache_like_mlx_lm():
         assert c.offset == r.offset == 6 and c.keys.shape == r.keys.shape
         assert mx.allclose(c.keys[..., :6, :], r.keys[..., :6, :], atol=1e-4).item()
         assert mx.allclose(c.values[..., :6, :], r.values[..., :6, :], atol=1e-4).item()
+
+
+def test_whole_step_leaves_arrays_held_elsewhere_unchanged():
+    """The step writes the KV buffer in place only where MLX may (nothing else holds
+    it): keys someone kept from before a trim keep their values when the step writes
+    the trimmed position again (mlx-lm's prompt caches share buffers this way)."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
+    mx.random.seed(2)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    adopt_all(model)
+    compile_decode(model)
+    cache = make_prompt_cache(model)
+    with kernels.enabled({"compiled_decode"}):
+        model(mx.array([[3, 1, 4, 1, 5]]), cache=cache)
+        model(mx.array([[9]]), cache=cache)
+        model(mx.array([[2]]), cache=cache)  # the step's own buffer from here on
+        assert "_jang_kv" in cache[0].__dict__
+        kept = [(c.keys, c.values) for c in cache]
+        expected = [(mx.array(k[..., 6, :]), mx.array(v[..., 6, :])) for k, v in kept]
+        mx.eval(expected)
+        for c in cache:
+            c.trim(1)
+        model(mx.array([[7]]), cache=cache)  # another token at position 6
+        mx.eval([c.keys for c in cache])
+    assert "_jang_step_call" in model.model.__dict__
+    for (k, v), (ek, ev), c in zip(kept, expected, cache):
+        assert mx.array_equal(k[..., 6, :], ek).item() and mx.array_equal(v[..., 6, :], ev).item()
+        assert not mx.allclose(c.keys[..., 6, :], ek).item()  # the cache itself took the new token
 
 
 @pytest.mark.real

@@ -145,14 +145,16 @@ DECODE_ATTENTION = [(mx.float16, 128, 4), (mx.float16, 64, 3), (mx.float16, 256,
                          ids=[f"{'fp16' if d == mx.float16 else 'bf16'}-D{D}-G{G}" for d, D, G in DECODE_ATTENTION])
 def test_attention_decode(dtype, D, G):
     """One query token over a KV cache: the whole buffer with the live length (as the
-    compiled decode hands it) and a slice of it (as mlx-lm's attention does), with the
-    keys in one split (one launch) and in several (the merge), against fp32 SDPA."""
+    compiled decode hands it), keys and values as one buffer (the whole step's pair),
+    and a slice of it (as mlx-lm's attention does), with the keys in one split (one
+    launch) and in several (the merge), against fp32 SDPA."""
     from jang import kernels
 
     B, Hkv, capacity = 2, 2, 1280
     Hq = G * Hkv
     buf_k = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
     buf_v = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
+    pair = mx.concatenate([buf_k, buf_v], axis=0)
     chunk = gpu._decode_chunk(D, G, gpu.ATTENTION_DECODE["WARPS"])[1]
     scale = 1 / math.sqrt(D)
     up = lambda a: a.astype(mx.float32)  # noqa: E731
@@ -161,6 +163,8 @@ def test_attention_decode(dtype, D, G):
         k, v = buf_k[:, :, :S], buf_v[:, :, :S]
         ref = mx.fast.scaled_dot_product_attention(up(q), up(k), up(v), scale=scale)
         assert rel_err(gpu.attention_decode(q, buf_k, buf_v, scale, length=S), ref) < TOL[dtype], S
+        out = gpu.attention_decode(q, pair, None, scale, pos=mx.array([S - 1], mx.int32), kv_pair=True)
+        assert rel_err(out, ref) < TOL[dtype], S
         assert rel_err(gpu.attention_decode(q, k, v, scale), ref) < TOL[dtype], S
     assert kernels.attention(q, k, v, scale, None, op="decode_attention") is not None  # the default on CUDA
     assert kernels.attention(q, k, v, scale, None) is None  # mlx-lm's modules: opt-in (JANG_ENABLE=attention)
@@ -268,6 +272,19 @@ def test_qkv_tc_with_rope(traditional, head_dim):
         if i < 2:
             ref = mx.fast.rope(ref, head_dim, traditional=traditional, base=10000.0, scale=1.0, offset=37)
         assert rel_err(out.reshape(2, heads, 1, head_dim), ref) < 2 * TOL[mx.float16]
+    assert_kv_pair(gpu.qmv_tc_multi, x, mats, (nw, 1e-5), (inv_freq, mx.array(37, mx.int32), head_dim, traditional), outs)
+
+
+def assert_kv_pair(multi, x, mats, norm, rope, outs):
+    """With kv_pair the launch writes k and v as one (2 B, Hkv, 1, D) array, k's rows
+    first: the same values as the three-output launch, and the same q."""
+    B, D = x.shape[0], rope[2]
+    Hq, Hkv = mats[0][0].shape[0] // D, mats[1][0].shape[0] // D
+    q, kv = multi(x, mats, 64, 4, norm=norm, rope=rope, shapes=[(B, Hq, 1, D), (2 * B, Hkv, 1, D)], kv_pair=True)
+    assert kv.shape == (2 * B, Hkv, 1, D)
+    assert mx.array_equal(q.reshape(outs[0].shape), outs[0]).item()
+    assert mx.array_equal(kv[:B].reshape(outs[1].shape), outs[1]).item()
+    assert mx.array_equal(kv[B:].reshape(outs[2].shape), outs[2]).item()
 
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
@@ -358,3 +375,4 @@ def test_qkv_with_rope(traditional):
         if i < 2:
             ref = mx.fast.rope(ref, head_dim, traditional=traditional, base=10000.0, scale=1.0, offset=37)
         assert rel_err(out.reshape(2, heads, 1, head_dim), ref) < 2 * TOL[mx.float16]
+    assert_kv_pair(gpu.qmv_multi, x, mats, (nw, 1e-5), (inv_freq, offset, head_dim, traditional), outs)

@@ -275,11 +275,13 @@ def prepare_rope(rope) -> None:
         rope.__dict__["_jang_inv_freq"] = inv
 
 
-def qkv(x, projections, norm, rope=None, head_dim=None, offset=None, shapes=None):
+def qkv(x, projections, norm, rope=None, head_dim=None, offset=None, shapes=None, kv_pair=False):
     """The three projections of norm(x) in one launch, or None where it does not apply.
     With rope (an mlx-lm rope module, the heads' size and the position as an array):
     (q, k, v, True) with q and k already rotated where the kernel covers that rope,
-    else (q, k, v, False). shapes: the outputs' shapes if not (..., N) (gpu._multi_shapes)."""
+    else (q, k, v, False). shapes: the outputs' shapes if not (..., N) (gpu._multi_shapes).
+    kv_pair: where the kernel rotates and k and v have one shape, (q, kv, None, True),
+    kv holding k's rows then v's ((2 B, Hkv, 1, D) for shapes (B, Hkv, 1, D))."""
     mats = [_arrays(p) for p in projections]
     if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok(mats):
         return None
@@ -290,6 +292,12 @@ def qkv(x, projections, norm, rope=None, head_dim=None, offset=None, shapes=None
                                       else gpu.multi_rows_ok(mats, head_dim)):
         rope_args = None
     fused = gpu.qmv_tc_multi if tc else gpu.qmv_multi
+    if kv_pair and rope_args is not None and mats[1][0].shape == mats[2][0].shape:
+        if shapes is not None:
+            shapes = [shapes[0], (2 * shapes[1][0], *shapes[1][1:])]
+        q, kv = fused(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args, shapes=shapes,
+                      kv_pair=True)
+        return q, kv, None, True
     q, k, v = fused(x, mats, first.group_size, first.bits, norm=_rms(norm), rope=rope_args, shapes=shapes)
     return q, k, v, rope_args is not None
 
@@ -315,10 +323,12 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
     return gpu.attention_decode(q, k, v, scale, length)
 
 
-def buffer_attention(q, keys, values, scale, pos):
-    """One token's attention over KV-cache buffers whose keys 0 .. pos are live (pos: a
-    (1,) int32 array): JANG's decode kernel where routed, else the reference's masked
-    attention. Shapes do not depend on pos, so mx.compile traces it once per buffer size."""
-    if route("decode_attention") and gpu.attention_decode_supported(q, keys):
-        return gpu.attention_decode(q, keys, values, scale, pos=pos)
-    return reference.attention_decode(q, keys, values, scale, pos)
+def buffer_attention(q, kv, scale, pos):
+    """One token's attention over a KV-cache buffer whose keys 0 .. pos are live (pos: a
+    (1,) int32 array); kv holds the keys then the values, (2 B, Hkv, capacity, D):
+    JANG's decode kernel where routed, else the reference's masked attention. Shapes do
+    not depend on pos, so mx.compile traces it once per buffer size."""
+    if route("decode_attention") and gpu.attention_decode_supported(q, kv):
+        return gpu.attention_decode(q, kv, None, scale, pos=pos, kv_pair=True)
+    B = q.shape[0]
+    return reference.attention_decode(q, kv[:B], kv[B:], scale, pos)

@@ -125,8 +125,7 @@ def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=(), hea
     blocks = sum(math.ceil(n / (WARPS * R)) for n in Ns)
     grid = (blocks * WARPS * 32, math.ceil(M / mt), 1)
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
-    outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
-    kern = dialect.kernel("qmv", inputs, outputs, _dialect(), defines=defines)
+    kern = dialect.kernel("qmv", inputs, _outputs(defines), _dialect(), defines=defines)
     return kern, list(template), grid, (WARPS * 32, 1, 1)
 
 
@@ -190,7 +189,7 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=()
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
     inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
-    outputs = ("out", "out1", "out2") if "JG_MULTI" in defines else ("out",)
+    outputs = _outputs(defines)
     smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
     kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem)
     blocks = sum(math.ceil(n / (16 * RT // per_row)) for n in Ns)
@@ -243,7 +242,7 @@ def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
     return all(m[0].shape[0] % rows == 0 for m in mats)
 
 
-def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None, shapes=None):
+def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None, shapes=None, kv_pair=False):
     """qmv_multi on the tensor cores (CUDA; qmv_tc_supported, multi_tc_rows_ok)."""
     c, options = _tc_config(bits, config)
     Ns, K = tuple(m[0].shape[0] for m in mats), x.shape[-1]
@@ -253,10 +252,12 @@ def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None
         inv_freq, offset, head_dim, traditional = rope
         defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
-                                              c["MT"], c["CH"], options + ("JG_MULTI",) + defines, head_dim,
-                                              bool(traditional))
+                                              c["MT"], c["CH"],
+                                              options + ("JG_MULTI",) + _kv_pair_defines(mats, kv_pair) + defines,
+                                              head_dim, bool(traditional))
+    out_shapes = _multi_shapes(x, Ns, shapes, kv_pair)
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
+                output_shapes=out_shapes, output_dtypes=[x.dtype] * len(out_shapes))
 
 
 def multi_rows_ok(mats, head_dim=None) -> bool:
@@ -268,22 +269,42 @@ def multi_rows_ok(mats, head_dim=None) -> bool:
     return all(m[0].shape[0] % rows == 0 and (head_dim is None or m[0].shape[0] % head_dim == 0) for m in mats)
 
 
-def _multi_shapes(x, Ns, shapes=None):
-    """The three outputs' shapes: (..., N) each, or the given shapes of as many elements
-    (each output is written row-major, so (B, 1, H*D) may come out as (B, H, 1, D))."""
-    if shapes is None:
-        return [(*x.shape[:-1], n) for n in Ns]
+def _outputs(defines) -> tuple:
+    """The output names of a GEMV kernel: q, k and v with JG_MULTI (k and v in one with
+    JG_KV_PAIR), else one."""
+    if "JG_MULTI" not in defines:
+        return ("out",)
+    return ("out", "out1") if "JG_KV_PAIR" in defines else ("out", "out1", "out2")
+
+
+def _multi_shapes(x, Ns, shapes=None, kv_pair=False):
+    """The outputs' shapes: (..., N) each, or the given shapes of as many elements
+    (each output is written row-major, so (B, 1, H*D) may come out as (B, H, 1, D)).
+    kv_pair: k and v as one output of both (k's rows, then v's), so shapes holds two."""
     M = x.size // x.shape[-1]
+    Ns = (Ns[0], 2 * Ns[1]) if kv_pair else Ns
+    if shapes is None:
+        return [(*x.shape[:-1], n) if i == 0 or not kv_pair else (2, *x.shape[:-1], n // 2)
+                for i, n in enumerate(Ns)]
     if [math.prod(s) for s in shapes] != [M * n for n in Ns]:
         raise ValueError(f"output shapes {shapes} do not hold {M} rows of {Ns}")
     return [tuple(s) for s in shapes]
 
 
-def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None, shapes=None):
+def _kv_pair_defines(mats, kv_pair: bool) -> tuple:
+    if not kv_pair:
+        return ()
+    if mats[1][0].shape != mats[2][0].shape:
+        raise ValueError(f"kv_pair needs k and v of one shape, not {mats[1][0].shape} and {mats[2][0].shape}")
+    return ("JG_KV_PAIR",)
+
+
+def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None, shapes=None, kv_pair=False):
     """Three GEMVs of one x in one launch (q, k and v): mats = three (w, scales, biases)
     of the same bits and group size -> three outputs (of ``shapes`` if given: see
-    _multi_shapes). rope=(inv_freq, offset, head_dim, traditional): q and k rotated at
-    position offset (every token of x at that one position: one-token decode of a batch)."""
+    _multi_shapes); with kv_pair two, q and k + v in one array (k's rows first).
+    rope=(inv_freq, offset, head_dim, traditional): q and k rotated at position offset
+    (every token of x at that one position: one-token decode of a batch)."""
     c = QMV
     Ns = tuple(m[0].shape[0] for m in mats)
     defines, extra = _fusion_args(norm, None)
@@ -292,10 +313,12 @@ def qmv_multi(x, mats, group_size, bits, *, norm=None, rope=None, shapes=None):
         inv_freq, offset, head_dim, traditional = rope
         defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
     kern, template, grid, tg = _qmv_launch(x.size // x.shape[-1], Ns, bits, group_size, x.dtype,
-                                           c["R"], c["U"], c["WARPS"], c["MT"], ("JG_MULTI",) + defines,
+                                           c["R"], c["U"], c["WARPS"], c["MT"],
+                                           ("JG_MULTI",) + _kv_pair_defines(mats, kv_pair) + defines,
                                            head_dim, bool(traditional))
+    out_shapes = _multi_shapes(x, Ns, shapes, kv_pair)
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
-                output_shapes=_multi_shapes(x, Ns, shapes), output_dtypes=[x.dtype] * 3)
+                output_shapes=out_shapes, output_dtypes=[x.dtype] * len(out_shapes))
 
 
 def qmm(x, w, scales, biases, group_size, bits, config=None):
@@ -410,7 +433,7 @@ def _attention_counter(n: int):
     return counter
 
 
-def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None):
+def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None, kv_pair=False):
     """Attention of one query token, q (B, Hq, 1, D), over keys/values (B, Hkv, S, D)
     (any strides, last axis contiguous): (B, Hq, 1, D), in one launch, split over the
     keys in chunks of C (flash-decoding) with the last block merging them. Which keys
@@ -419,7 +442,8 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     - else length: the first ``length`` keys; else all S.
     The launch covers all S keys whichever count (chunks past the live ones add
     nothing), so over a KV cache's whole buffer it keeps its shapes, and one trace of
-    mx.compile serves every step until the buffer grows."""
+    mx.compile serves every step until the buffer grows. kv_pair: k is one (2 B, Hkv, S, D)
+    buffer of keys then values (v is ignored)."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -429,13 +453,13 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
+    defines = ("JG_FINAL",) * final + ("JG_KV_PAIR",) * kv_pair
     kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale", "counter"),
-                          ("out",) if final else ("out", "part"), _dialect(),
-                          contiguous=False, defines=("JG_FINAL",) if final else ())
+                          ("out",) if final else ("out", "part"), _dialect(), contiguous=False, defines=defines)
     shapes, dtypes = [(B, Hq, 1, D)], [q.dtype]
     if not final:
         shapes, dtypes = shapes + [(B, Hq, splits, D + 4)], dtypes + [mx.float32]
-    return kern(inputs=[q, k, v, pos, _scalar(float(scale)), _attention_counter(B * Hkv)],
+    return kern(inputs=[q, k, k if kv_pair else v, pos, _scalar(float(scale)), _attention_counter(B * Hkv)],
                 template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
                 grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
                 output_shapes=shapes, output_dtypes=dtypes)[0]

@@ -46,12 +46,19 @@ VARIANTS = {
                             [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"), ("w2", "uint32_t"),
                              ("scales2", "half"), ("biases2", "half"), ("norm_w", "half"), ("eps", "float"),
                              ("inv_freq", "float"), ("offset", "int")], ["out1", "out2"]),
+    # the whole decode step's: k and v as one array (qmv), read from one buffer (attention)
+    "qmv_multi_kv_pair_norm_rope": ("qmv", ("JG_MULTI", "JG_KV_PAIR", "JG_NORM", "JG_ROPE"),
+                                    [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"),
+                                     ("w2", "uint32_t"), ("scales2", "half"), ("biases2", "half"),
+                                     ("norm_w", "half"), ("eps", "float"), ("inv_freq", "float"), ("offset", "int")],
+                                    ["out1"]),
+    "attention_split_kv_pair": ("attention_split", ("JG_KV_PAIR",), [], []),
     # the keys fit one split: the normalised output (T) written by step 1 itself
     "attention_split_final": ("attention_split", ("JG_FINAL",), [], []),
 }
 
-# more outputs of a body built without defines, with their own types
-OUTPUTS_OF_BODY = {"attention_split": [("part", "float")]}  # the splits' partials (JG_FINAL: none)
+# more outputs of a body, with their own types, unless the define named first is set
+OUTPUTS_OF_BODY = {"attention_split": ("JG_FINAL", [("part", "float")])}  # the splits' partials
 
 # the [[attribute]] arguments MLX adds for the built-in names a body uses
 ATTRIBUTES = ("thread_position_in_threadgroup", "threadgroup_position_in_grid",
@@ -74,7 +81,8 @@ def metal_source(name: str) -> str:
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix} [[buffer({slot})]]")
                 slot += 1
-    for o in ["out", *extra_out, *(() if defines else OUTPUTS_OF_BODY.get(body_name, ()))]:
+    unless, more = OUTPUTS_OF_BODY.get(body_name, (None, []))
+    for o in ["out", *extra_out, *(() if unless in defines else more)]:
         o, o_type = o if isinstance(o, tuple) else (o, out_type)
         args.append(f"device {o_type}* {o} [[buffer({slot})]]")
         slot += 1
