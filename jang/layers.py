@@ -384,65 +384,68 @@ class _DecodeChain:
         step = self.__dict__.get("_jang_step_call")
         if step is None:
             step = self.__dict__["_jang_step_call"] = mx.compile(self._jang_step_function)
+            kernels.prepare_decode_attention(self.layers[0].self_attn.n_heads, cache[0].keys)
         return step
 
-    def _jang_step_function(self, ids, pos, at, *buffers):
-        """(final hidden state, every block's updated KV buffer) of one token. buffers[i]:
-        block i's keys and values as one (2 B, Hkv, capacity, D) array (keys first), so
-        one scatter per block writes the token's pair. at: the position broadcast to a
-        pair's (2 B, Hkv, 1, D), where the scatter writes it. Not mx.slice_update with an
-        array start: MLX computes its offset into an 8-byte array, which its CUDA
-        allocator keeps in host memory, and the copy kernel reading it took 17 us per
-        call against 1.4 us (docs/kernels.md)."""
+    def _jang_step_function(self, ids, pos, at, kv):
+        """(final hidden state, the updated KV buffer) of one token. kv: every block's keys
+        and values in one array, (L 2 B, Hkv, capacity, D) (_take_kv). Each block's
+        attention reads the buffer up to the token before, and the token's own key and
+        value from its q/k/v launch (one (2 B, Hkv, 1, D) pair); one scatter writes all
+        blocks' pairs at the end. at: the position broadcast to the pairs' shape, where
+        the scatter writes them. Not mx.slice_update with an array start: MLX computes its
+        offset into an 8-byte array, which its CUDA allocator keeps in host memory, and
+        the copy kernel reading it took 17 us per call against 1.4 us (docs/kernels.md)."""
         layers = self.layers
+        B = ids.shape[0]
         h = self.embed_tokens(ids)
-        q, kv = layers[0]._jang_pre(h, pos, kv_pair=True)
-        updated = []
+        q, pair = layers[0]._jang_pre(h, pos, kv_pair=True)
+        pairs = []
         for i, layer in enumerate(layers):
-            buffer = mx.put_along_axis(buffers[i], at, kv, axis=2)
-            updated.append(buffer)
-            h = layer._jang_post(h, kernels.buffer_attention(q, buffer, layer.self_attn.scale, pos))
+            pairs.append(pair)
+            h = layer._jang_post(h, kernels.buffer_attention(q, kv, 2 * B * i, pair, layer.self_attn.scale, pos))
             if i + 1 < len(layers):
-                q, kv = layers[i + 1]._jang_pre(h, pos, kv_pair=True)
-        return (self.norm(h), *updated)
+                q, pair = layers[i + 1]._jang_pre(h, pos, kv_pair=True)
+        return self.norm(h), mx.put_along_axis(kv, at, mx.concatenate(pairs, axis=0), axis=2)
 
     def _jang_run_step(self, step, inputs, cache):
         pos = kernels.gpu.position(cache[0].offset)
         B, Hkv, _, D = cache[0].keys.shape
-        at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (2 * B, Hkv, 1, D))
-        buffers = [_take_kv_pair(c) for c in cache]
+        at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (2 * B * len(cache), Hkv, 1, D))
+        kv = _take_kv(cache)
         try:
-            out = step(inputs, pos, at, *buffers)
-        except BaseException:
-            for c, kv in zip(cache, buffers):
-                _give_kv_pair(c, kv)
-            raise
-        del buffers
-        for c, kv in zip(cache, out[1:]):
-            _give_kv_pair(c, kv)
+            h, kv = step(inputs, pos, at, kv)
+        finally:
+            _give_kv(cache, kv)
+        for c in cache:
             c.offset += 1
-        return out[0]
+        return h
 
 
-# The whole step keeps each KVCache's keys and values as the two halves of one buffer,
-# (2 B, Hkv, capacity, D): one scatter per block writes a token's pair (64 graph nodes
-# per token on the 8B shape became 32, each ~10 us of MLX's host time; docs/kernels.md).
-# The cache's keys and values are the buffer's halves (mx.split: contiguous, so mlx-lm
-# reads and grows them as ever); the buffer itself rides along in the cache's __dict__.
+# The whole step keeps every KVCache's keys and values in one buffer, (L 2 B, Hkv,
+# capacity, D): block i's keys are rows 2 B i .. 2 B i + B - 1, its values the B after.
+# One scatter per token writes every block's new key and value (64 graph nodes per token
+# on the 8B shape became 2, each ~10 us of MLX's host time; docs/kernels.md). The
+# caches' keys and values are the buffer's pieces (one mx.split: contiguous views, so
+# mlx-lm reads and grows them as ever); the buffer rides along in cache[0]'s __dict__.
 
-def _take_kv_pair(cache):
-    """The cache's KV buffer for the step, its keys and values as one array, and the
-    cache's own references to it dropped: with none left but the step's, MLX writes
-    the token into it in place. Keys and values that are not the halves the last step
-    left (a new cache, or one the chain has grown) are joined into a new buffer once."""
-    kv, keys, values = cache.__dict__.pop("_jang_kv", (None, None, None))
-    if kv is None or keys is not cache.keys or values is not cache.values:
-        kv = mx.concatenate([cache.keys, cache.values], axis=0)
-    cache.keys = cache.values = None
+def _take_kv(cache):
+    """The caches' KV buffer for the step, with the caches' own references to it
+    dropped: with none left but the step's, MLX writes the token into it in place.
+    Keys and values that are not the pieces the last step left (new caches, or ones the
+    chain has grown) are packed into a new buffer, once."""
+    kv, pieces = cache[0].__dict__.pop("_jang_kv", (None, ()))
+    if kv is None or any(c.keys is not pieces[2 * i] or c.values is not pieces[2 * i + 1]
+                         for i, c in enumerate(cache)):
+        kv = mx.concatenate([a for c in cache for a in (c.keys, c.values)], axis=0)
+    for c in cache:
+        c.keys = c.values = None
     return kv
 
 
-def _give_kv_pair(cache, kv):
-    """Hand the cache its keys and values as the two halves of kv."""
-    cache.keys, cache.values = mx.split(kv, 2, axis=0)
-    cache.__dict__["_jang_kv"] = (kv, cache.keys, cache.values)
+def _give_kv(cache, kv):
+    """Hand every cache its keys and values as pieces of the step's buffer kv."""
+    pieces = mx.split(kv, 2 * len(cache), axis=0)
+    for i, c in enumerate(cache):
+        c.keys, c.values = pieces[2 * i], pieces[2 * i + 1]
+    cache[0].__dict__["_jang_kv"] = (kv, pieces)

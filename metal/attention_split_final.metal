@@ -54,15 +54,17 @@ const int Hkv = k_shape[1];
 const int row = int(thread_position_in_threadgroup.x) / LK;
 const int j = int(thread_position_in_threadgroup.x) % LK;
 const int c0 = split * C;
-const device T* kp = k + b * k_strides[0] + hk * k_strides[1] + 8 * j;
-const int vb = b;
+const int kb = b, vb = b;
+const device T* kp = k + kb * k_strides[0] + hk * k_strides[1] + 8 * j;
 const device T* vp = v + vb * v_strides[0] + hk * v_strides[1] + 8 * j;
 uint4 kr[PER], vr[PER];
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 const int s = c0 + row + ROWS * i;
-kr[i] = s < S ? *reinterpret_cast<const device uint4*>(kp + s * k_strides[2]) : jg_zero4();
-vr[i] = s < S ? *reinterpret_cast<const device uint4*>(vp + s * v_strides[2]) : jg_zero4();
+const device T* ks = kp + s * k_strides[2];
+const device T* vs = vp + s * v_strides[2];
+kr[i] = s < S ? *reinterpret_cast<const device uint4*>(ks) : jg_zero4();
+vr[i] = s < S ? *reinterpret_cast<const device uint4*>(vs) : jg_zero4();
 }
 float qv[G][8];
 const float sc = scale[0];

@@ -145,16 +145,18 @@ DECODE_ATTENTION = [(mx.float16, 128, 4), (mx.float16, 64, 3), (mx.float16, 256,
                          ids=[f"{'fp16' if d == mx.float16 else 'bf16'}-D{D}-G{G}" for d, D, G in DECODE_ATTENTION])
 def test_attention_decode(dtype, D, G):
     """One query token over a KV cache: the whole buffer with the live length (as the
-    compiled decode hands it), keys and values as one buffer (the whole step's pair),
-    and a slice of it (as mlx-lm's attention does), with the keys in one split (one
-    launch) and in several (the merge), against fp32 SDPA."""
+    compiled decode hands it), the whole step's buffer of two blocks' keys and values
+    with the token's own key and value apart, and a slice of it (as mlx-lm's attention
+    does), with the keys in one split (one launch) and in several (the merge), against
+    fp32 SDPA."""
     from jang import kernels
 
     B, Hkv, capacity = 2, 2, 1280
     Hq = G * Hkv
     buf_k = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
     buf_v = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
-    pair = mx.concatenate([buf_k, buf_v], axis=0)
+    other = mx.random.normal((2 * B, Hkv, capacity, D)).astype(dtype)  # block 0's keys and values
+    step_kv = mx.concatenate([other, buf_k, buf_v], axis=0)  # block 1's at rows 2 B ..
     chunk = gpu._decode_chunk(D, G, gpu.ATTENTION_DECODE["WARPS"])[1]
     scale = 1 / math.sqrt(D)
     up = lambda a: a.astype(mx.float32)  # noqa: E731
@@ -163,8 +165,12 @@ def test_attention_decode(dtype, D, G):
         k, v = buf_k[:, :, :S], buf_v[:, :, :S]
         ref = mx.fast.scaled_dot_product_attention(up(q), up(k), up(v), scale=scale)
         assert rel_err(gpu.attention_decode(q, buf_k, buf_v, scale, length=S), ref) < TOL[dtype], S
-        out = gpu.attention_decode(q, pair, None, scale, pos=mx.array([S - 1], mx.int32), kv_pair=True)
-        assert rel_err(out, ref) < TOL[dtype], S
+        new = mx.random.normal((2 * B, Hkv, 1, D)).astype(dtype)  # the token's own key and value
+        own_k = mx.concatenate([k[:, :, :S - 1], new[:B]], axis=2)
+        own_v = mx.concatenate([v[:, :, :S - 1], new[B:]], axis=2)
+        own = mx.fast.scaled_dot_product_attention(up(q), up(own_k), up(own_v), scale=scale)
+        out = gpu.attention_decode(q, step_kv, None, scale, pos=mx.array([S - 1], mx.int32), step=(new, 2 * B))
+        assert rel_err(out, own) < TOL[dtype], S
         assert rel_err(gpu.attention_decode(q, k, v, scale), ref) < TOL[dtype], S
     assert kernels.attention(q, k, v, scale, None, op="decode_attention") is not None  # the default on CUDA
     assert kernels.attention(q, k, v, scale, None) is None  # mlx-lm's modules: opt-in (JANG_ENABLE=attention)

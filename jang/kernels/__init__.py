@@ -323,12 +323,33 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
     return gpu.attention_decode(q, k, v, scale, length)
 
 
-def buffer_attention(q, kv, scale, pos):
-    """One token's attention over a KV-cache buffer whose keys 0 .. pos are live (pos: a
-    (1,) int32 array); kv holds the keys then the values, (2 B, Hkv, capacity, D):
-    JANG's decode kernel where routed, else the reference's masked attention. Shapes do
-    not depend on pos, so mx.compile traces it once per buffer size."""
+def prepare_decode_attention(n_heads: int, keys) -> None:
+    """Compile now the decode-attention kernel that the chain (layers._attend) runs over
+    KV buffers like keys (B, Hkv, capacity, D) with n_heads query heads, once they grow:
+    MLX compiles a kernel when it first runs (~2.7 s on the H200), and the whole step
+    uses its own variant, so the first token past the buffers' first size would stall."""
+    Hkv, D = keys.shape[1], keys.shape[3]
+    if n_heads % Hkv:
+        return
+    q = mx.zeros((1, n_heads, 1, D), keys.dtype)
+    chunk = gpu._decode_chunk(D, n_heads // Hkv, gpu.ATTENTION_DECODE["WARPS"])[1]
+    k = mx.zeros((1, Hkv, 2 * chunk, D), keys.dtype)  # two splits: the variant that merges them
+    out = attention(q, k, k, 1.0, None, length=1, op="decode_attention")
+    if out is not None:
+        mx.eval(out)
+
+
+def buffer_attention(q, kv, row, kv_new, scale, pos):
+    """One token's attention in the whole decode step (layers._DecodeChain). kv: every
+    block's KV-cache buffer, (L 2 B, Hkv, capacity, D), this block's keys at rows row ..
+    row + B - 1 and its values at the B after them, live up to position pos (a (1,) int32
+    array) except pos itself: the token's own key and value are kv_new's (2 B, Hkv, 1, D),
+    which the step writes into kv after its last block. JANG's decode kernel where
+    routed, else the reference's masked attention. Shapes do not depend on pos, so
+    mx.compile traces it once per buffer size."""
     if route("decode_attention") and gpu.attention_decode_supported(q, kv):
-        return gpu.attention_decode(q, kv, None, scale, pos=pos, kv_pair=True)
+        return gpu.attention_decode(q, kv, None, scale, pos=pos, step=(kv_new, row))
     B = q.shape[0]
-    return reference.attention_decode(q, kv[:B], kv[B:], scale, pos)
+    at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), kv_new.shape)
+    own = mx.put_along_axis(kv[row:row + 2 * B], at, kv_new, axis=2)
+    return reference.attention_decode(q, own[:B], own[B:], scale, pos)

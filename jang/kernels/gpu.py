@@ -80,6 +80,12 @@ def _scalar(value: float):
     return mx.array([value] * 4, mx.float32)
 
 
+@lru_cache(maxsize=None)
+def _integer(value: int):
+    """An int as an array the kernels read at index 0 (four copies: see _scalar)."""
+    return mx.array([value] * 4, mx.int32)
+
+
 _POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as needed; "at": (offset, its view)
 
 
@@ -422,6 +428,10 @@ def _decode_chunk(D, G, warps, per=None):
     return per, per * warps * 32 // (D // 8)
 
 
+ATTENTION_INPUTS = {False: ("q", "k", "v", "pos", "scale", "counter"),
+                    True: ("q", "k", "v", "pos", "scale", "counter", "kv_new", "rows")}  # JG_STEP_KV's
+
+
 @lru_cache(maxsize=None)
 def _attention_counter(n: int):
     """attention_split's per-(batch row, KV head) block counts: zeros, and zero again
@@ -433,7 +443,7 @@ def _attention_counter(n: int):
     return counter
 
 
-def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None, kv_pair=False):
+def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None, step=None):
     """Attention of one query token, q (B, Hq, 1, D), over keys/values (B, Hkv, S, D)
     (any strides, last axis contiguous): (B, Hq, 1, D), in one launch, split over the
     keys in chunks of C (flash-decoding) with the last block merging them. Which keys
@@ -442,8 +452,11 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     - else length: the first ``length`` keys; else all S.
     The launch covers all S keys whichever count (chunks past the live ones add
     nothing), so over a KV cache's whole buffer it keeps its shapes, and one trace of
-    mx.compile serves every step until the buffer grows. kv_pair: k is one (2 B, Hkv, S, D)
-    buffer of keys then values (v is ignored)."""
+    mx.compile serves every step until the buffer grows.
+    step=(kv_new, row): k is the whole decode step's buffer of every block's keys and
+    values, (L 2 B, Hkv, S, D), this block's keys at rows row .. row + B - 1 and its
+    values at the B after them (v is ignored); the query's own key and value, not in the
+    buffer yet, are kv_new's (2 B, Hkv, 1, D), keys then values."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -453,13 +466,16 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
-    defines = ("JG_FINAL",) * final + ("JG_KV_PAIR",) * kv_pair
-    kern = dialect.kernel("attention_split", ("q", "k", "v", "pos", "scale", "counter"),
+    defines = ("JG_FINAL",) * final + ("JG_STEP_KV",) * (step is not None)
+    inputs = [q, k, v if step is None else k, pos, _scalar(float(scale)), _attention_counter(B * Hkv)]
+    if step is not None:
+        inputs += [step[0], _integer(step[1])]
+    kern = dialect.kernel("attention_split", ATTENTION_INPUTS[step is not None],
                           ("out",) if final else ("out", "part"), _dialect(), contiguous=False, defines=defines)
     shapes, dtypes = [(B, Hq, 1, D)], [q.dtype]
     if not final:
         shapes, dtypes = shapes + [(B, Hq, splits, D + 4)], dtypes + [mx.float32]
-    return kern(inputs=[q, k, k if kv_pair else v, pos, _scalar(float(scale)), _attention_counter(B * Hkv)],
+    return kern(inputs=inputs,
                 template=[("T", q.dtype), ("D", D), ("G", G), ("PER", per), ("WARPS", warps)],
                 grid=(splits * warps * 32, Hkv, B), threadgroup=(warps * 32, 1, 1),
                 output_shapes=shapes, output_dtypes=dtypes)[0]

@@ -46,13 +46,13 @@ VARIANTS = {
                             [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"), ("w2", "uint32_t"),
                              ("scales2", "half"), ("biases2", "half"), ("norm_w", "half"), ("eps", "float"),
                              ("inv_freq", "float"), ("offset", "int")], ["out1", "out2"]),
-    # the whole decode step's: k and v as one array (qmv), read from one buffer (attention)
+    # the whole decode step's: k and v as one array (qmv); attention over every block's buffer
     "qmv_multi_kv_pair_norm_rope": ("qmv", ("JG_MULTI", "JG_KV_PAIR", "JG_NORM", "JG_ROPE"),
                                     [("w1", "uint32_t"), ("scales1", "half"), ("biases1", "half"),
                                      ("w2", "uint32_t"), ("scales2", "half"), ("biases2", "half"),
                                      ("norm_w", "half"), ("eps", "float"), ("inv_freq", "float"), ("offset", "int")],
                                     ["out1"]),
-    "attention_split_kv_pair": ("attention_split", ("JG_KV_PAIR",), [], []),
+    "attention_split_step_kv": ("attention_split", ("JG_STEP_KV",), [("kv_new", "half"), ("rows", "int")], []),
     # the keys fit one split: the normalised output (T) written by step 1 itself
     "attention_split_final": ("attention_split", ("JG_FINAL",), [], []),
 }
