@@ -372,19 +372,20 @@ class _DecodeChain:
     # position array on the device) and the KV write as a scatter at that position
     # (mx.put_along_axis, indices on the device), nothing in the step depends on the length:
     # one trace per buffer capacity (mlx-lm's KVCache grows in steps of 256) serves every
-    # step, and the step is one call. A step whose token does not fit the buffers runs
-    # the chain above, which grows them.
+    # step, and the step is one call. A token that does not fit the buffers grows them
+    # first, by the caches' step as mlx-lm's KVCache would, and the step is traced again
+    # for the new size (the chain above serves only where the step is off).
 
     def _jang_step(self, cache):
         """The compiled whole step for these caches, or None where it does not apply."""
         shape = None if cache[0].keys is None else cache[0].keys.shape
-        if not kernels.route("decode_step") or any(
-                c.keys is None or c.offset >= shape[2] or c.keys.shape != shape or c.values.shape != shape for c in cache):
+        if not kernels.route("decode_step") or cache[0].offset > (shape or (0, 0, -1))[2] or any(
+                c.keys is None or c.keys.shape != shape or c.values.shape != shape or c.step != cache[0].step
+                for c in cache):
             return None
         step = self.__dict__.get("_jang_step_call")
         if step is None:
             step = self.__dict__["_jang_step_call"] = mx.compile(self._jang_step_function)
-            kernels.prepare_decode_attention(self.layers[0].self_attn.n_heads, cache[0].keys)
         return step
 
     def _jang_step_function(self, ids, pos, at, kv):
@@ -413,6 +414,8 @@ class _DecodeChain:
         B, Hkv, _, D = cache[0].keys.shape
         at = mx.broadcast_to(pos.reshape(1, 1, 1, 1), (2 * B * len(cache), Hkv, 1, D))
         kv = _take_kv(cache)
+        if cache[0].offset == kv.shape[2]:  # no room for this token: grow by the caches' step, as KVCache would
+            kv = mx.concatenate([kv, mx.zeros((kv.shape[0], Hkv, cache[0].step, D), kv.dtype)], axis=2)
         try:
             h, kv = step(inputs, pos, at, kv)
         finally:
@@ -432,8 +435,8 @@ class _DecodeChain:
 def _take_kv(cache):
     """The caches' KV buffer for the step, with the caches' own references to it
     dropped: with none left but the step's, MLX writes the token into it in place.
-    Keys and values that are not the pieces the last step left (new caches, or ones the
-    chain has grown) are packed into a new buffer, once."""
+    Keys and values that are not the pieces the last step left (a prompt's, or any that
+    mlx-lm's own update has written since) are packed into a new buffer, once."""
     kv, pieces = cache[0].__dict__.pop("_jang_kv", (None, ()))
     if kv is None or any(c.keys is not pieces[2 * i] or c.values is not pieces[2 * i + 1]
                          for i, c in enumerate(cache)):

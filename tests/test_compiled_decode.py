@@ -88,6 +88,28 @@ def test_whole_step_writes_the_cache_like_mlx_lm():
         assert mx.allclose(c.values[..., :6, :], r.values[..., :6, :], atol=1e-4).item()
 
 
+def test_whole_step_grows_the_buffers_itself():
+    """A token past the KV buffers' size grows them by the caches' step inside the whole
+    step (the chain never runs, so none of its kernels or traces stall the decode), to
+    the size mlx-lm's own growth gives, with the same logits."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
+    mx.random.seed(3)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    adopt_all(model)
+    ref = decode(model, steps=9, kv_step=8)
+    compile_decode(model)
+    chain_calls = []
+    with kernels.enabled({"compiled_decode"}):
+        model(mx.array([[1]]), cache=make_prompt_cache(model))  # builds the chain's calls
+        first, links, last = model.model.__dict__["_jang_chain_calls"]
+        model.model.__dict__["_jang_chain_calls"] = (lambda *a: chain_calls.append(1) or first(*a), links, last)
+        out = decode(model, steps=9, kv_step=8)  # 4 prompt tokens in buffers of 8: grows at the 5th decoded token
+    assert not chain_calls
+    assert mx.allclose(out, ref, atol=1e-4).item()
+
+
 def test_whole_step_leaves_arrays_held_elsewhere_unchanged():
     """The step writes the KV buffer in place only where MLX may (nothing else holds
     it): keys someone kept from before a trim keep their values when the step writes

@@ -323,22 +323,6 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
     return gpu.attention_decode(q, k, v, scale, length)
 
 
-def prepare_decode_attention(n_heads: int, keys) -> None:
-    """Compile now the decode-attention kernel that the chain (layers._attend) runs over
-    KV buffers like keys (B, Hkv, capacity, D) with n_heads query heads, once they grow:
-    MLX compiles a kernel when it first runs (~2.7 s on the H200), and the whole step
-    uses its own variant, so the first token past the buffers' first size would stall."""
-    Hkv, D = keys.shape[1], keys.shape[3]
-    if n_heads % Hkv:
-        return
-    q = mx.zeros((1, n_heads, 1, D), keys.dtype)
-    chunk = gpu._decode_chunk(D, n_heads // Hkv, gpu.ATTENTION_DECODE["WARPS"])[1]
-    k = mx.zeros((1, Hkv, 2 * chunk, D), keys.dtype)  # two splits: the variant that merges them
-    out = attention(q, k, k, 1.0, None, length=1, op="decode_attention")
-    if out is not None:
-        mx.eval(out)
-
-
 def buffer_attention(q, kv, row, kv_new, scale, pos):
     """One token's attention in the whole decode step (layers._DecodeChain). kv: every
     block's KV-cache buffer, (L 2 B, Hkv, capacity, D), this block's keys at rows row ..
