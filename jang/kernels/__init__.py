@@ -31,7 +31,8 @@ from . import cpu, gpu, reference
 # RMSNorm + gate + up + SwiGLU, down + residual) runs ~260 launches per token instead
 # of 583 (1.17-1.36x mlx-lm's decode on the 8B shape, session 3). Since session 11 the
 # whole one-token step is one compiled call (decode_step, with JANG's decode attention):
-# 228 launches, no Python per block, 1.91-2.11x mlx-lm in three runs (alternating rounds).
+# 228 launches, no Python per block, 1.91-2.11x mlx-lm in three runs (alternating rounds);
+# since session 12 with one KV write per token: 174 graph nodes, 2.09-2.35x on H200s.
 # Prefill (dequantize + cuBLAS from 512 tokens, 1.8-3.2x per GEMM) and the embedding
 # gather are on too.
 # Metal is compiled for syntax only (no Apple GPU here): MLX's ops until measured.
@@ -44,11 +45,13 @@ ROUTES = {
         # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
         # tensor cores too (else their CUDA-core kernels; needs qmv_tc): GPU time per token
         # 4.3 -> 3.5 ms on the 8B shape, but end to end no faster (171 vs 178 and 145 vs 184
-        # tok/s in two alternating runs): decode is host-bound (docs/kernels.md, session 5)
+        # tok/s in two alternating runs): decode is host-bound (docs/kernels.md, session 5);
+        # session 12, H200: 2.91 -> 2.62 ms GPU, 289 vs 266 tok/s in one alternating bench
         "fused_tc": False,
         # gate/up (+ norm, SwiGLU) alone on the tensor cores, q/k/v on the CUDA cores: GPU time per
         # token 3.09 -> 3.03 ms on the 8B shape (gate/up 1234 -> 1159 us), but no faster end to end
-        # in the one run (session 11, docs/kernels.md)
+        # in the one run (session 11, docs/kernels.md); session 12, H200: 289 vs 324 tok/s in one
+        # alternating bench, per-round ranges overlapping
         "fused_tc_mlp": False,
         "prefill": "dequant",  # many tokens: "qmm" (fused tensor-core, 2-3x slower than MLX), "dequant" or "mlx"
         "embedding": True,
@@ -57,7 +60,7 @@ ROUTES = {
         # one-token attention over the KV cache in compiled decode: the split kernel (gpu.attention_decode)
         "decode_attention": True,
         # ... and then the whole one-token step as one compiled call (layers._DecodeChain._jang_step),
-        # the KV-cache writes included: no Python per block
+        # the KV-cache writes included (one buffer for every block, one scatter): no Python per block
         "decode_step": True,
         # the same kernel for mlx-lm's attention modules (layers.patch_attention). The patch is
         # module-wide, so mlx-lm models in the same process would take it too: opt-in
