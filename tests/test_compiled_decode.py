@@ -62,16 +62,22 @@ def test_compiled_decode_matches(family, path):
     assert mx.allclose(grown, decode(model, steps=9), atol=1e-4).item()
 
 
+def tiny_llama(seed):
+    """A two-block llama with 4-bit JANG layers (random weights)."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    adopt_all(model)
+    return model
+
+
 def test_whole_step_writes_the_cache_like_mlx_lm():
     """The compiled whole step leaves each KVCache as mlx-lm's update would: offset one
     further, this token's keys and values at that position, buffers of the same size,
     for a batch of two (the step's KV buffer holds both rows' keys, then their values)."""
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
-    mx.random.seed(1)
-    model = llama.Model(args)
-    nn.quantize(model, group_size=32, bits=4)
-    adopt_all(model)
+    model = tiny_llama(seed=1)
     ref_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
     prompt, tok = mx.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]), mx.array([[9], [6]])
     model(prompt, cache=ref_cache)
@@ -92,12 +98,7 @@ def test_whole_step_grows_the_buffers_itself():
     """A token past the KV buffers' size grows them by the caches' step inside the whole
     step (the chain never runs, so none of its kernels or traces stall the decode), to
     the size mlx-lm's own growth gives, with the same logits."""
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
-    mx.random.seed(3)
-    model = llama.Model(args)
-    nn.quantize(model, group_size=32, bits=4)
-    adopt_all(model)
+    model = tiny_llama(seed=3)
     ref = decode(model, steps=9, kv_step=8)
     compile_decode(model)
     chain_calls = []
@@ -114,12 +115,7 @@ def test_whole_step_leaves_arrays_held_elsewhere_unchanged():
     """The step writes the KV buffer in place only where MLX may (nothing else holds
     it): keys someone kept from before a trim keep their values when the step writes
     the trimmed position again (mlx-lm's prompt caches share buffers this way)."""
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5)
-    mx.random.seed(2)
-    model = llama.Model(args)
-    nn.quantize(model, group_size=32, bits=4)
-    adopt_all(model)
+    model = tiny_llama(seed=2)
     compile_decode(model)
     cache = make_prompt_cache(model)
     with kernels.enabled({"compiled_decode"}):
