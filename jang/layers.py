@@ -379,9 +379,9 @@ class _DecodeChain:
     def _jang_step(self, cache):
         """The compiled whole step for these caches, or None where it does not apply."""
         shape = None if cache[0].keys is None else cache[0].keys.shape
-        if not kernels.route("decode_step") or cache[0].offset > (shape or (0, 0, -1))[2] or any(
-                c.keys is None or c.keys.shape != shape or c.values.shape != shape or c.step != cache[0].step
-                for c in cache):
+        if (not kernels.route("decode_step") or shape is None or cache[0].offset > shape[2]
+                or any(c.keys is None or c.keys.shape != shape or c.values.shape != shape or c.step != cache[0].step
+                       for c in cache)):
             return None
         step = self.__dict__.get("_jang_step_call")
         if step is None:

@@ -298,6 +298,8 @@ def _multi_shapes(x, Ns, shapes=None, kv_pair=False):
 
 
 def _kv_pair_defines(mats, kv_pair: bool) -> tuple:
+    """The define that makes a q/k/v launch write k and v as one array (k's matrix and
+    v's must then have one shape), or none."""
     if not kv_pair:
         return ()
     if mats[1][0].shape != mats[2][0].shape:
