@@ -1,8 +1,8 @@
 """Wall time of each decoded token, one at a time (evaluated before the next is built),
 across the KV cache's buffer growth, on a random-weight model of a real shape. With the
-whole decode step compiled (route decode_step), a step whose buffers grew runs the
-chain once and the next traces the step again for the new buffer size: this shows what
-those tokens cost against the median one.
+whole decode step compiled (route decode_step), a token past the buffers' size grows
+them inside the step, which is traced again for the new size (session 11: the chain ran
+that token instead): this shows what those tokens cost against the median one.
 Usage: decode_step_times.py [out.json] [model name] [new tokens] [config]"""
 
 import json
