@@ -112,9 +112,7 @@ def source(name):
                 args.append(f"{decl} {n}{suffix}")
     out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
     args += [f"{out_t}* {o}" for o in ["out", *extra_out]]
-    unless, more = metal_export.OUTPUTS_OF_BODY.get(body_name, (None, []))
-    if unless not in defines:
-        args += [f"{t}* {o}" for o, t in more]
+    args += [f"{t}* {o}" for o, t in metal_export.more_outputs(body_name, defines)]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body

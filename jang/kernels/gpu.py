@@ -67,23 +67,24 @@ def _flat(x):
 # JG_MULTI's and JG_SWIGLU's weights before the norm's, the residual's and RoPE's inputs).
 FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "biases2"),
                  "JG_SWIGLU": ("wu", "su_", "bu_"),  # qmv_tc's up matrix (gate takes w / scales / biases)
-                 "JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset")}
+                 "JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset"),
+                 "JG_STEP_KV": ("kv_new", "rows")}  # attention_split's: the token's own k and v, its block's rows
+
+
+def _input_names(base: tuple, defines) -> tuple:
+    """A kernel's input names: its own, then each define's (FUSION_INPUTS), in order."""
+    return base + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
 
 
 @lru_cache(maxsize=None)
-def _scalar(value: float):
-    """A float (eps, an attention scale) as an array the kernels read at index 0. Four
-    copies, not one: MLX's CUDA backend keeps arrays of up to 8 bytes in a managed-memory
-    pool that stays on the host (cudaMemAdviseSetAccessedBy), and every kernel reading one
-    waits on the bus; a larger one made from host values moves to the GPU when first read
-    (session 10: the 4-byte eps took the q/k/v kernel's launch from ~12 to ~25 us)."""
-    return mx.array([value] * 4, mx.float32)
-
-
-@lru_cache(maxsize=None)
-def _integer(value: int):
-    """An int as an array the kernels read at index 0 (four copies: see _scalar)."""
-    return mx.array([value] * 4, mx.int32)
+def _scalar(value, dtype=mx.float32):
+    """A number (eps, an attention scale, a block's first row) as an array the kernels
+    read at index 0. Four copies, not one: MLX's CUDA backend keeps arrays of up to 8
+    bytes in a managed-memory pool that stays on the host (cudaMemAdviseSetAccessedBy),
+    and every kernel reading one waits on the bus; a larger one made from host values
+    moves to the GPU when first read (session 10: the 4-byte eps took the q/k/v kernel's
+    launch from ~12 to ~25 us)."""
+    return mx.array([value] * 4, dtype)
 
 
 _POSITIONS = {}  # "array": 0, 1, 2, ... in device memory, grown as needed; "at": (offset, its view)
@@ -130,7 +131,7 @@ def _qmv_launch(M, Ns, bits, group_size, dtype, R, U, WARPS, MT, defines=(), hea
         template += (("D", head_dim), ("TRADITIONAL", traditional))
     blocks = sum(math.ceil(n / (WARPS * R)) for n in Ns)
     grid = (blocks * WARPS * 32, math.ceil(M / mt), 1)
-    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    inputs = _input_names(("x", "w", "scales", "biases"), defines)
     kern = dialect.kernel("qmv", inputs, _outputs(defines), _dialect(), defines=defines)
     return kern, list(template), grid, (WARPS * 32, 1, 1)
 
@@ -194,7 +195,7 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=()
     template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt), ("CH", CH)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
-    inputs = ("x", "w", "scales", "biases") + tuple(i for d in defines for i in FUSION_INPUTS.get(d, ()))
+    inputs = _input_names(("x", "w", "scales", "biases"), defines)
     outputs = _outputs(defines)
     smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
     kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem)
@@ -430,8 +431,7 @@ def _decode_chunk(D, G, warps, per=None):
     return per, per * warps * 32 // (D // 8)
 
 
-ATTENTION_INPUTS = {False: ("q", "k", "v", "pos", "scale", "counter"),
-                    True: ("q", "k", "v", "pos", "scale", "counter", "kv_new", "rows")}  # JG_STEP_KV's
+ATTENTION_INPUTS = ("q", "k", "v", "pos", "scale", "counter")  # attention_split's, before its defines' own
 
 
 @lru_cache(maxsize=None)
@@ -471,8 +471,8 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     defines = ("JG_FINAL",) * final + ("JG_STEP_KV",) * (step is not None)
     inputs = [q, k, v if step is None else k, pos, _scalar(float(scale)), _attention_counter(B * Hkv)]
     if step is not None:
-        inputs += [step[0], _integer(step[1])]
-    kern = dialect.kernel("attention_split", ATTENTION_INPUTS[step is not None],
+        inputs += [step[0], _scalar(step[1], mx.int32)]
+    kern = dialect.kernel("attention_split", _input_names(ATTENTION_INPUTS, defines),
                           ("out",) if final else ("out", "part"), _dialect(), contiguous=False, defines=defines)
     shapes, dtypes = [(B, Hq, 1, D)], [q.dtype]
     if not final:

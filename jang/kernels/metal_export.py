@@ -60,6 +60,12 @@ VARIANTS = {
 # more outputs of a body, with their own types, unless the define named first is set
 OUTPUTS_OF_BODY = {"attention_split": ("JG_FINAL", [("part", "float")])}  # the splits' partials
 
+
+def more_outputs(body_name: str, defines) -> list:
+    """(name, type) of the outputs OUTPUTS_OF_BODY adds to this build of body_name."""
+    unless, more = OUTPUTS_OF_BODY.get(body_name, (None, []))
+    return [] if unless in defines else more
+
 # the [[attribute]] arguments MLX adds for the built-in names a body uses
 ATTRIBUTES = ("thread_position_in_threadgroup", "threadgroup_position_in_grid",
               "thread_index_in_simdgroup", "simdgroup_index_in_threadgroup")
@@ -81,8 +87,7 @@ def metal_source(name: str) -> str:
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix} [[buffer({slot})]]")
                 slot += 1
-    unless, more = OUTPUTS_OF_BODY.get(body_name, (None, []))
-    for o in ["out", *extra_out, *(() if unless in defines else more)]:
+    for o in ["out", *extra_out, *more_outputs(body_name, defines)]:
         o, o_type = o if isinstance(o, tuple) else (o, out_type)
         args.append(f"device {o_type}* {o} [[buffer({slot})]]")
         slot += 1
