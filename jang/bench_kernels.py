@@ -292,10 +292,13 @@ def norm_rope_cases(dtype=mx.float16, heads=32, dims=128, lengths=(1, 512)):
 ATTENTION_SWEEP = ({"WARPS": 4, "PER": 4}, {"WARPS": 8, "PER": 8}, {"WARPS": 4, "PER": 16})
 
 
-def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(640, 1024, 4096), prefill=256):
+def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(640, 1024, 4096, 16384, 32768),
+                    prefill=256):
     """One query token over a KV cache (JANG's split decode kernel, default launch and
-    ATTENTION_SWEEP, over the cache's whole buffer as compiled decode hands it) and a
-    causal prefill (the one-query-per-block kernel), against MLX's SDPA on the live keys."""
+    ATTENTION_SWEEP, over the cache's whole buffer as compiled decode hands it; and
+    "jang_step", the whole decode step's form: keys and values rows of one buffer, the
+    query's own key and value apart) and a causal prefill (the one-query-per-block
+    kernel), against MLX's SDPA on the live keys."""
     rows = []
     scale = 1 / math.sqrt(dims)
     for S in contexts:
@@ -314,6 +317,11 @@ def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(640, 102
                 measure(row, "jang", lambda: [lambda: gpu.attention(q, k, v, scale)], launches=8)
             else:
                 measure(row, "jang", lambda: [lambda: gpu.attention_decode(q, kbuf, vbuf, scale, length=S)], launches=32)
+                step_buf = mx.concatenate([kbuf, vbuf])  # (2 B, Hkv, capacity, D): keys' rows, then values'
+                kv_new = mx.random.normal((2, hkv, 1, dims)).astype(dtype)
+                pos = gpu.position(S - 1)  # as the step has it: a host-made int would be read over the bus
+                measure(row, "jang_step", lambda: [lambda: gpu.attention_decode(
+                    q, step_buf, None, scale, pos=pos, step=(kv_new, 0))], launches=32)
                 for shape in ATTENTION_SWEEP:
                     key = "jang_" + "_".join(f"{n.lower()}{v_}" for n, v_ in shape.items())
                     measure(row, key, lambda: [lambda: gpu.attention_decode(

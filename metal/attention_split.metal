@@ -71,6 +71,7 @@ const device T* vs = vp + s * v_strides[2];
 kr[i] = s < S ? *reinterpret_cast<const device uint4*>(ks) : jg_zero4();
 vr[i] = s < S ? *reinterpret_cast<const device uint4*>(vs) : jg_zero4();
 }
+#define JG_OWN(r, n4, i) r[i]
 float qv[G][8];
 const float sc = scale[0];
 #pragma unroll
@@ -82,7 +83,7 @@ for (int e = 0; e < 8; e++) qv[g][e] *= sc;
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 float kf[8];
-jg_unpack8<T>(kr[i], kf);
+jg_unpack8<T>(JG_OWN(kr, kn4, i), kf);
 const int c = row + ROWS * i;
 #pragma unroll
 for (int g = 0; g < G; g++) {
@@ -117,7 +118,7 @@ for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 float vf[8];
-jg_unpack8<T>(vr[i], vf);
+jg_unpack8<T>(JG_OWN(vr, vn4, i), vf);
 const int c = row + ROWS * i;
 #pragma unroll
 for (int g = 0; g < G; g++) {

@@ -71,11 +71,16 @@ uint4 kr[PER], vr[PER];
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 const int s = c0 + row + ROWS * i;
-const device T* ks = s == S - 1 ? kn : kp + s * k_strides[2];
-const device T* vs = s == S - 1 ? vn : vp + s * v_strides[2];
+const device T* ks = kp + s * k_strides[2];
+const device T* vs = vp + s * v_strides[2];
 kr[i] = s < S ? *reinterpret_cast<const device uint4*>(ks) : jg_zero4();
 vr[i] = s < S ? *reinterpret_cast<const device uint4*>(vs) : jg_zero4();
 }
+const int own = S - 1 - c0 - row;
+const bool mine = own >= 0 && own % ROWS == 0 && own < ROWS * PER;
+const uint4 kn4 = mine ? *reinterpret_cast<const device uint4*>(kn) : jg_zero4();
+const uint4 vn4 = mine ? *reinterpret_cast<const device uint4*>(vn) : jg_zero4();
+#define JG_OWN(r, n4, i) (own == ROWS * (i) ? n4 : r[i])
 float qv[G][8];
 const float sc = scale[0];
 #pragma unroll
@@ -87,7 +92,7 @@ for (int e = 0; e < 8; e++) qv[g][e] *= sc;
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 float kf[8];
-jg_unpack8<T>(kr[i], kf);
+jg_unpack8<T>(JG_OWN(kr, kn4, i), kf);
 const int c = row + ROWS * i;
 #pragma unroll
 for (int g = 0; g < G; g++) {
@@ -122,7 +127,7 @@ for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
 #pragma unroll
 for (int i = 0; i < PER; i++) {
 float vf[8];
-jg_unpack8<T>(vr[i], vf);
+jg_unpack8<T>(JG_OWN(vr, vn4, i), vf);
 const int c = row + ROWS * i;
 #pragma unroll
 for (int g = 0; g < G; g++) {

@@ -9,6 +9,7 @@ registers per thread, local (spill) bytes, and the SASS instruction mix by opcod
 (static counts, through nvdisasm), optionally with template values changed:
 
     NVDISASM=/path/to/nvdisasm python scripts/nvrtc_check.py --sass qmv_tc BITS=2 RT=2 KS=8
+    NVDISASM=... python scripts/nvrtc_check.py --sass qmv_tc_stream BITS=2 RT=1 KS=8 LB=256,4  # __launch_bounds__
 
 Use the NVRTC MLX's CUDA build runs with: the H100 machine has CUDA 13.0, and NVRTC
 13.0.88 (`pip download --no-deps nvidia-cuda-nvrtc==13.0.88`) reproduces its code
@@ -96,13 +97,13 @@ VARIANTS.update({
 INSTANCES = {"qmv_tc_bf16_2bit": "qmv_tc"}
 
 
-def source(name):
+def source(name, launch_bounds=()):
     body_name, defines, extra_in, extra_out = VARIANTS.get(name, (INSTANCES.get(name, name), (), [], []))
     inputs, template = KERNELS[name if name in KERNELS else body_name]
     if "JG_ROPE" in defines:
         template += " constexpr int D = 128; constexpr bool TRADITIONAL = false;"
     inputs = inputs + extra_in
-    head, body = dialect.source(body_name, "cuda", defines)  # exactly the text MLX is handed
+    head, body = dialect.source(body_name, "cuda", defines, launch_bounds)  # exactly the text MLX is handed
     args = []
     for n, t in inputs:
         args.append(f"const {t}* {n}")
@@ -123,8 +124,9 @@ def compile_one(lib, name, template=None, cubin=False):
     """Compile kernel ``name`` (template values overridden by ``template``); with
     ``cubin`` for sm_90a and return the cubin's bytes (None on failure), else print ok /
     FAILED and return whether it compiled."""
-    src = source(name)
-    for key, value in (template or {}).items():
+    template = dict(template or {})
+    src = source(name, tuple(int(v) for v in template.pop("LB").split(",")) if "LB" in template else ())
+    for key, value in template.items():
         src, n = re.subn(rf"constexpr int {key} = \d+;", f"constexpr int {key} = {value};", src)
         if n == 0:
             raise SystemExit(f"{name} has no template value {key}")

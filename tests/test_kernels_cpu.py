@@ -179,3 +179,15 @@ def test_gemv_rows_may_come_in_another_shape():
     assert gpu._multi_shapes(x, (64, 32, 32), heads) == heads
     with pytest.raises(ValueError, match="do not hold"):
         gpu._multi_shapes(x, (64, 32, 32), [(1, 4, 1, 16), *heads[1:]])
+
+
+def test_launch_bounds_are_cuda_header_lines():
+    """MLX writes a kernel's signature itself, so __launch_bounds__ (the register cap that
+    gpu._qmv_tc_launch's min_blocks asks for) goes in as a redefinition of __global__ at
+    the end of the header, for CUDA only."""
+    head, body = dialect.source("qmv_tc", "cuda", ("JG_TC_STREAM",), (256, 4))
+    assert head.endswith("#undef __global__\n#define __global__ __location__(global) __launch_bounds__(256, 4)\n")
+    plain_head, plain_body = dialect.source("qmv_tc", "cuda", ("JG_TC_STREAM",))
+    assert "__launch_bounds__" not in plain_head and body == plain_body
+    with pytest.raises(ValueError, match="CUDA"):
+        dialect.source("qmv", "metal", (), (128, 2))

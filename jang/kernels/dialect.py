@@ -279,11 +279,26 @@ def _split_preprocessor(text: str):
     return pre, rest
 
 
+def _launch_bounds_text(launch_bounds: tuple) -> str:
+    """Header lines that give the kernel after them CUDA's __launch_bounds__(threads,
+    min_blocks): MLX writes the kernel's signature itself, so the header redefines the
+    __global__ it starts with (CUDA's own definition, plus the bounds). The bounds cap
+    the registers (65536 / (threads rounded up to warps * min_blocks)), so that
+    min_blocks blocks fit on an SM."""
+    if not launch_bounds:
+        return ""
+    threads, min_blocks = launch_bounds
+    return f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n"
+
+
 @lru_cache(maxsize=None)
-def source(name: str, dialect: str, defines: tuple = ()) -> tuple:
+def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = ()) -> tuple:
     """(header, body) of kernel ``name`` as it is built: minified, and the header cut
     to the helpers the body uses (directly or through other helpers). ``defines``
-    are macros set at the top of the body: a body's optional fusions (JG_NORM ...)."""
+    are macros set at the top of the body: a body's optional fusions (JG_NORM ...).
+    launch_bounds: (threads, min_blocks) for CUDA (see _launch_bounds_text)."""
+    if launch_bounds and dialect != "cuda":
+        raise ValueError(f"launch bounds are CUDA's; kernel {name} asked for them in {dialect}")
     body_text = "".join(f"#define {d} 1\n" for d in defines) + resolve_conditionals(
         minify(translate(body(name), dialect)), defines)
     pre, rest = _split_preprocessor(minify(header(dialect)))
@@ -293,23 +308,26 @@ def source(name: str, dialect: str, defines: tuple = ()) -> tuple:
         wanted |= frontier
         frontier = {ref for n, item in items if n in frontier for ref in _HELPER.findall(item)} - wanted
     kept = [item for n, item in items if n is None or n in wanted]
-    return "\n".join(pre + kept) + "\n", body_text
+    return "\n".join(pre + kept) + "\n" + _launch_bounds_text(launch_bounds), body_text
 
 
 @lru_cache(maxsize=None)
 def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = (),
-           shared_memory: int = 0):
+           shared_memory: int = 0, launch_bounds: tuple = ()):
     """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once). Each
     set of defines gets its own kernel name: MLX caches compiled kernels by name.
     shared_memory: bytes of dynamic shared memory (CUDA only). It is part of the name
-    too, since MLX raises a kernel's limit past 48 KB once, when it first loads it."""
+    too, since MLX raises a kernel's limit past 48 KB once, when it first loads it.
+    launch_bounds: (threads, min_blocks), CUDA only; part of the name as well."""
     import mlx.core as mx
 
-    head, src = source(name, dialect, defines)
+    head, src = source(name, dialect, defines, launch_bounds)
     make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
     full_name = "_".join([f"jang_{name}", *(d.lower().removeprefix("jg_") for d in defines)])
     extra = {}
     if shared_memory:
         full_name, extra = f"{full_name}_smem{shared_memory}", {"shared_memory": shared_memory}
+    if launch_bounds:
+        full_name = f"{full_name}_lb{launch_bounds[0]}x{launch_bounds[1]}"
     return make(name=full_name, input_names=list(inputs), output_names=list(outputs),
                 source=src, header=head, ensure_row_contiguous=contiguous, **extra)

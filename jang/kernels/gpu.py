@@ -159,7 +159,7 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
 # sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
 # rows would otherwise leave the GPU with too few warps to keep loads in flight.
-QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True}
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True, "MINB": 0}
 QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
 # At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
@@ -182,9 +182,11 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False):
+def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False,
+                   min_blocks=0):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
-    of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them)."""
+    of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them).
+    min_blocks: blocks per SM the registers are capped for (__launch_bounds__), 0: none."""
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
     per_row = 2 if "JG_SWIGLU" in defines else 1  # weight rows read per output row (gate and up)
@@ -198,7 +200,8 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=()
     inputs = _input_names(("x", "w", "scales", "biases"), defines)
     outputs = _outputs(defines)
     smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
-    kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem)
+    kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem,
+                          launch_bounds=(ks * 32, min_blocks) if min_blocks else ())
     blocks = sum(math.ceil(n / (16 * RT // per_row)) for n in Ns)
     return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
 
@@ -217,7 +220,8 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     N, K = w.shape[0], in_features(w, bits)
     defines, extra = _fusion_args(norm, resid)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              c["RT"], c["KS"], c["MT"], c["CH"], options + defines)
+                                              c["RT"], c["KS"], c["MT"], c["CH"], options + defines,
+                                              min_blocks=c["MINB"])
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
@@ -230,7 +234,8 @@ def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
     N, K = gate[0].shape[0], x.shape[-1]
     defines, extra = _fusion_args(norm, None)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              RT, c["KS"], c["MT"], c["CH"], options + ("JG_SWIGLU",) + defines)
+                                              RT, c["KS"], c["MT"], c["CH"], options + ("JG_SWIGLU",) + defines,
+                                              min_blocks=c["MINB"])
     return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
@@ -261,7 +266,7 @@ def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
                                               c["MT"], c["CH"],
                                               options + ("JG_MULTI",) + _kv_pair_defines(mats, kv_pair) + defines,
-                                              head_dim, bool(traditional))
+                                              head_dim, bool(traditional), min_blocks=c["MINB"])
     out_shapes = _multi_shapes(x, Ns, shapes, kv_pair)
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=out_shapes, output_dtypes=[x.dtype] * len(out_shapes))
