@@ -171,7 +171,7 @@ QMV_TC_MAX_M = 2  # measured at 1 and 2 tokens; more go to the CUDA-core kernel
 # A plain layer call (no fusion) goes to the tensor-core GEMV from this many weights:
 # there its GPU time saved (~2x MLX's) outweighs the custom launch's extra host time
 # (the output head of a large vocabulary at decode: 128256 x 4096 in Llama-3-8B).
-QMV_TC_ALONE_MIN_WEIGHTS = 1 << 25
+QMV_TC_ALONE_MIN_WEIGHTS = 1 << 25  # at least FUSED_MIN_WEIGHTS: kernels.quantized_matmul asks that first
 
 
 # The routes take it wherever it reads the layout: it beats the CUDA-core GEMV at every bit
