@@ -98,9 +98,10 @@ def copy_bandwidth(launches=16, repeats=7) -> float:
     """Bytes/s of a large device copy (read + write): the best of ``repeats`` chains of
     ``launches`` dependent 512 MB adds. A chain reuses its buffers (each add may donate
     its input), so the allocator is not in the timing; and the best, not the median: a
-    slow sample is the machine's noise, not its bandwidth. (Session 13: sixteen
-    independent adds, 8 GB of outputs at once, measured an H100 at 2166 GB/s where this
-    form gives 2840-2900, and made the decode bench's "JANG / limit" 63% instead of 47%.)"""
+    slow sample is the machine's noise, not its bandwidth. (Session 13: the first form,
+    the median of 16 independent adds evaluated together, 8 GB of outputs, once measured
+    an H100 at 2166 GB/s where twelve later measurements gave 2764-2902, and so put the
+    decode bench's "JANG / limit" at 63% instead of 47%.)"""
     a = mx.random.normal((256 << 20,)).astype(mx.float16)  # 512 MB
     mx.eval(a)
 
