@@ -50,10 +50,10 @@ KERNELS = {
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
     "qmv_tc": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
                "using T = __half; constexpr int BITS = 4; constexpr int GS = 64; constexpr int RT = 2; "
-               "constexpr int KS = 4; constexpr int MT = 1; constexpr int CH = 2;"),
+               "constexpr int KS = 4; constexpr int WG = 1; constexpr int MT = 1; constexpr int CH = 2;"),
     "qmv_tc_bf16_2bit": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
                          "using T = __nv_bfloat16; constexpr int BITS = 2; constexpr int GS = 128; constexpr int RT = 1; "
-                         "constexpr int KS = 8; constexpr int MT = 2; constexpr int CH = 4;"),
+                         "constexpr int KS = 8; constexpr int WG = 1; constexpr int MT = 2; constexpr int CH = 4;"),
     "qmm": ([("x", "__nv_bfloat16"), ("w", "uint32_t"), ("scales", "__nv_bfloat16"), ("biases", "__nv_bfloat16")],
             "using T = __nv_bfloat16; constexpr int BITS = 5; constexpr int GS = 32; constexpr int WM = 2; "
             "constexpr int WN = 2; constexpr int FM = 2; constexpr int FN = 2;"),

@@ -228,13 +228,16 @@ def test_qmv_tc(bits, gs, dtype):
 
 
 TC_FUSION_CASES = [(4, mx.float16), (2, mx.float16), (8, mx.float16), (4, mx.bfloat16), (2, mx.bfloat16)]
+PAIR_CONFIGS = (None, {"WG": 1}, {"WG": 2, "KS": 2})  # the paired kernels' default, both tiles per warp, 4 warps
 
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
 @pytest.mark.parametrize("bits,dtype", TC_FUSION_CASES, ids=[f"{b}bit-{'fp16' if d == mx.float16 else 'bf16'}" for b, d in TC_FUSION_CASES])
 def test_qmv_tc_fusions(bits, dtype):
     """The tensor-core decode fusions against the fp32 reference: input RMSNorm (+ the
-    residual), gate + up + SwiGLU, and q/k/v in one launch, for one and two tokens."""
+    residual), gate + up + SwiGLU, and q/k/v in one launch, for one and two tokens; the
+    paired kernels (gate + up, q/k/v) with a warp group per tile (the default) and with
+    both tiles on every warp."""
     k = 640  # 10 groups of 64: the last run of 8 groups is partial
     mats = [quantized(n, k, bits, 64, dtype, seed=10 + i) for i, n in enumerate((256, 64, 96))]
     nw = (1 + 0.1 * mx.random.normal((k,))).astype(dtype)
@@ -246,22 +249,25 @@ def test_qmv_tc_fusions(bits, dtype):
         assert rel_err(gpu.qmv_tc(x, *mats[0], 64, bits, norm=(nw, 1e-5)), ref) < 2 * TOL[dtype]
         out = gpu.qmv_tc(x, *mats[0], 64, bits, norm=(nw, 1e-5), resid=resid)
         assert rel_err(out, ref + resid.astype(mx.float32)) < 2 * TOL[dtype]
-        outs = gpu.qmv_tc_multi(x, mats, 64, bits, norm=(nw, 1e-5))
-        for out, mat in zip(outs, mats):
-            assert out.shape == (m, mat[0].shape[0])
-            assert rel_err(out, reference_matmul(xn, *mat, 64, bits)) < 2 * TOL[dtype]
         gate, up = mats[0], quantized(256, k, bits, 64, dtype, seed=20)
-        for norm, xin in ((None, x.astype(mx.float32)), ((nw, 1e-5), xn)):
-            g, u = reference_matmul(xin.astype(dtype), *gate, 64, bits), reference_matmul(xin.astype(dtype), *up, 64, bits)
-            out = gpu.swiglu_tc(x, gate, up, 64, bits, norm=norm)
-            assert out.shape == (m, 256)
-            assert rel_err(out, g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
+        for config in PAIR_CONFIGS:
+            outs = gpu.qmv_tc_multi(x, mats, 64, bits, config, norm=(nw, 1e-5))
+            for out, mat in zip(outs, mats):
+                assert out.shape == (m, mat[0].shape[0])
+                assert rel_err(out, reference_matmul(xn, *mat, 64, bits)) < 2 * TOL[dtype]
+            for norm, xin in ((None, x.astype(mx.float32)), ((nw, 1e-5), xn)):
+                g = reference_matmul(xin.astype(dtype), *gate, 64, bits)
+                u = reference_matmul(xin.astype(dtype), *up, 64, bits)
+                out = gpu.swiglu_tc(x, gate, up, 64, bits, config, norm=norm)
+                assert out.shape == (m, 256)
+                assert rel_err(out, g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
 
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+@pytest.mark.parametrize("config", PAIR_CONFIGS[:2], ids=["default", "wg1"])
 @pytest.mark.parametrize("head_dim", (64, 128))
 @pytest.mark.parametrize("traditional", (False, True))
-def test_qkv_tc_with_rope(traditional, head_dim):
+def test_qkv_tc_with_rope(traditional, head_dim, config):
     """q/k/v on the tensor cores with RoPE on q and k (a rotation pair's rows D/2 apart
     meet in one block), against mx.fast.rope of the reference."""
     k = 512
@@ -270,7 +276,8 @@ def test_qkv_tc_with_rope(traditional, head_dim):
     nw = (1 + 0.1 * mx.random.normal((k,))).astype(mx.float16)
     inv_freq = gpu.rope_inv_freq(head_dim, 10000.0)
     x = mx.random.normal((2, 1, k)).astype(mx.float16)
-    outs = gpu.qmv_tc_multi(x, mats, 64, 4, norm=(nw, 1e-5), rope=(inv_freq, mx.array(37, mx.int32), head_dim, traditional))
+    outs = gpu.qmv_tc_multi(x, mats, 64, 4, config, norm=(nw, 1e-5),
+                            rope=(inv_freq, mx.array(37, mx.int32), head_dim, traditional))
     xn = rms_norm_ref(x, nw, 1e-5)
     for i, (out, mat) in enumerate(zip(outs, mats)):
         heads = mat[0].shape[0] // head_dim
@@ -318,13 +325,35 @@ def test_gemv_route_picks_the_tensor_cores_and_can_be_turned_off():
     assert rel_err(out, ref + resid.astype(mx.float32)) < TOL[mx.float16]
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc",), ("fused_tc_mlp",), ("decode_step=off",), ("decode_chain=off",),
-                                   ("decode_attention=off",)],
-                         ids=["cuda-core", "tensor-core", "tensor-core-mlp", "chain", "per-block", "mlx-attention"])
-def test_compiled_decode_with_fused_kernels(extra):
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+def test_paired_fusions_take_the_tensor_cores_from_their_size():
+    """Compiled decode's q/k/v and gate/up go to the tensor cores from
+    gpu.PAIR_TC_MIN_WEIGHTS weights (the 8B shape's), and stay on the CUDA cores below
+    (SmolLM2's) or with the route off."""
+    import mlx.nn as nn
+
+    from jang import kernels
+
+    small, large = nn.QuantizedLinear(576, 1536, bits=4), nn.QuantizedLinear(4096, 1024, bits=4)
+    x_small, x_large = mx.zeros((1, 576), mx.float16), mx.zeros((1, 4096), mx.float16)
+    assert kernels._pair_on_tensor_cores(x_large, large, mlp=True)
+    assert kernels._pair_on_tensor_cores(x_large, large, mlp=False)
+    assert not kernels._pair_on_tensor_cores(x_small, small, mlp=True)
+    with kernels.enabled({"fused_tc=off"}):
+        assert not kernels._pair_on_tensor_cores(x_large, large, mlp=False)
+        assert kernels._pair_on_tensor_cores(x_large, large, mlp=True) == kernels.route("fused_tc_mlp")
+
+
+@pytest.mark.parametrize("extra", [(), ("fused_tc=off",), ("fused_tc=off", "fused_tc_mlp"), ("decode_step=off",),
+                                   ("decode_chain=off",), ("decode_attention=off",)],
+                         ids=["tensor-core", "cuda-core", "tensor-core-mlp", "chain", "per-block", "mlx-attention"])
+def test_compiled_decode_with_fused_kernels(extra, monkeypatch):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across
-    blocks, or per block) gives the logits of mlx-lm's own modules."""
+    blocks, or per block) gives the logits of mlx-lm's own modules. Its layers are under
+    the size from which the tensor cores take the paired fusions, so that size is
+    lowered here."""
+    monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)
     import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.models.cache import make_prompt_cache

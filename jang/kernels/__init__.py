@@ -43,11 +43,12 @@ ROUTES = {
         # at 4 / 2 / 8 bits 15.7 / 12.0 / 27.5 us vs 20.4 / 23.7 / 32.4 on the CUDA cores (H100, session 9)
         "qmv_tc": True,
         # the fused q/k/v (+ norm, RoPE) and gate/up (+ norm, SwiGLU) of compiled decode on the
-        # tensor cores too (else their CUDA-core kernels; needs qmv_tc): GPU time per token
-        # 4.3 -> 3.5 ms on the 8B shape, but end to end no faster (171 vs 178 and 145 vs 184
-        # tok/s in two alternating runs): decode is host-bound (docs/kernels.md, session 5);
-        # session 12, H200: 2.91 -> 2.62 ms GPU, 289 vs 266 tok/s in one alternating bench
-        "fused_tc": False,
+        # tensor cores too (else their CUDA-core kernels; needs qmv_tc). Since session 14 each
+        # tile of a pair has its own warps (gpu.PAIR_TC): gate/up 39.4 -> 27.3 us, q/k/v 12.8
+        # -> 10.0 us at the 8B shape (H100, chained); decode GPU time 2.92 -> 2.58 ms per token
+        # and 3.15 -> 2.93 ms pipelined in an alternating profile (docs/kernels.md, session 14).
+        # Layers under gpu.PAIR_TC_MIN_WEIGHTS keep the CUDA-core kernels
+        "fused_tc": True,
         # gate/up (+ norm, SwiGLU) alone on the tensor cores, q/k/v on the CUDA cores: GPU time per
         # token 3.09 -> 3.03 ms on the 8B shape (gate/up 1234 -> 1159 us), but no faster end to end
         # in the one run (session 11, docs/kernels.md); session 12, H200: 289 vs 324 tok/s in one
@@ -167,6 +168,15 @@ def _tensor_cores(x, bits, group_size, row=None) -> bool:
     return tokens <= gpu.QMV_TC_MAX_M and route("qmv_tc") and gpu.qmv_tc_supported(x, bits, group_size)
 
 
+def _pair_on_tensor_cores(x, layer, mlp: bool) -> bool:
+    """Whether a paired decode fusion (gate/up with mlp, else q/k/v) of these tokens runs
+    on the tensor cores: route fused_tc (or fused_tc_mlp for gate/up), the layout, and at
+    least gpu.PAIR_TC_MIN_WEIGHTS weights in the layer."""
+    on = route("fused_tc") or (mlp and route("fused_tc_mlp"))
+    return (on and layer["weight"].shape[0] * x.shape[-1] >= gpu.PAIR_TC_MIN_WEIGHTS
+            and _tensor_cores(x, layer.bits, layer.group_size))
+
+
 def _gemv(x, w, scales, biases, group_size, bits, resid=None):
     """A fused GEMV of a few tokens: on the tensor cores where route and layout allow."""
     if _tensor_cores(x, bits, group_size, gpu.in_features(w, bits)):
@@ -244,8 +254,7 @@ def swiglu(x, gate, up, norm=None):
         return None
     if norm is None and gate["weight"].shape[0] * x.shape[-1] < gpu.FUSED_MIN_WEIGHTS:
         return None  # a plain swap of launches: only where the kernel is faster on the GPU
-    tc = (route("fused_tc") or route("fused_tc_mlp")) and _tensor_cores(x, gate.bits, gate.group_size)
-    fused = gpu.swiglu_tc if tc else gpu.swiglu
+    fused = gpu.swiglu_tc if _pair_on_tensor_cores(x, gate, mlp=True) else gpu.swiglu
     return fused(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits, norm=None if norm is None else _rms(norm))
 
 
@@ -291,7 +300,7 @@ def qkv(x, projections, norm, rope=None, head_dim=None, offset=None, shapes=None
     if not _fusable("fused_decode", x, projections, norm) or not gpu.multi_rows_ok(mats):
         return None
     first = projections[0]
-    tc = route("fused_tc") and _tensor_cores(x, first.bits, first.group_size) and gpu.multi_tc_rows_ok(mats)
+    tc = _pair_on_tensor_cores(x, first, mlp=False) and gpu.multi_tc_rows_ok(mats)
     rope_args = None if rope is None else _rope_args(rope, head_dim, offset)
     if rope_args is not None and not (gpu.multi_tc_rows_ok(mats, head_dim, rope_args[3]) if tc
                                       else gpu.multi_rows_ok(mats, head_dim)):

@@ -159,7 +159,7 @@ QMV_TC_BITS = {mx.float16: (2, 4, 8), mx.bfloat16: (2, 4)}
 # KS None: enough warps sharing K that the launch has ~QMV_TC_WARPS warps (the
 # sweep's winners on 8192 rows, KS 4 at RT 1 and KS 8 at RT 2, are that rule); fewer
 # rows would otherwise leave the GPU with too few warps to keep loads in flight.
-QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True, "MINB": 0}
+QMV_TC = {"RT": 1, "KS": None, "MT": 2, "CH": 2, "stream": True, "MINB": 0, "WG": 1}
 QMV_TC_BY_BITS = {2: {"RT": 2}}
 QMV_TC_WARPS = 2048
 # At most 8 warps per block: 16 warps of the 2-bit bf16 kernel failed to launch on the
@@ -183,34 +183,56 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 
 @lru_cache(maxsize=None)
 def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False,
-                   min_blocks=0):
+                   min_blocks=0, WG=1):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
     of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them).
-    min_blocks: blocks per SM the registers are capped for (__launch_bounds__), 0: none."""
+    min_blocks: blocks per SM the registers are capped for (__launch_bounds__), 0: none.
+    WG: groups of KS warps per block, each with RT tiles of its own (qmv_tc.body)."""
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
     per_row = 2 if "JG_SWIGLU" in defines else 1  # weight rows read per output row (gate and up)
     tiles = sum(Ns) * per_row // 16  # 16-row tiles of weights read
     if KS is None:
         KS = 1 << max(0, round(math.log2(max(1.0, QMV_TC_WARPS * RT / tiles))))
-    ks = max(1, min(KS, QMV_TC_MAX_KS, runs))
-    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("MT", mt), ("CH", CH)]
+    ks = max(1, min(KS, QMV_TC_MAX_KS // WG, runs))
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("RT", RT), ("KS", ks), ("WG", WG), ("MT", mt),
+                ("CH", CH)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
     inputs = _input_names(("x", "w", "scales", "biases"), defines)
     outputs = _outputs(defines)
     smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
     kern = dialect.kernel("qmv_tc", inputs, outputs, "cuda", defines=defines, shared_memory=smem,
-                          launch_bounds=(ks * 32, min_blocks) if min_blocks else ())
-    blocks = sum(math.ceil(n / (16 * RT // per_row)) for n in Ns)
-    return kern, template, (blocks * ks * 32, math.ceil(M / mt), 1), (ks * 32, 1, 1)
+                          launch_bounds=(WG * ks * 32, min_blocks) if min_blocks else ())
+    blocks = sum(math.ceil(n / (16 * WG * RT // per_row)) for n in Ns)
+    return kern, template, (blocks * WG * ks * 32, math.ceil(M / mt), 1), (WG * ks * 32, 1, 1)
 
 
-def _tc_config(bits, config=None):
-    """The launch config for these bits (QMV_TC, its per-bits winners, then config) and
-    the option macros it turns on."""
-    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(config or {})}
+def _tc_config(bits, config=None, pair=False):
+    """The launch config for these bits (QMV_TC, its per-bits winners, PAIR_TC for a
+    paired kernel, then config) and the option macros it turns on."""
+    c = {**QMV_TC, **QMV_TC_BY_BITS.get(bits, {}), **(PAIR_TC if pair else {}), **(config or {})}
     return c, tuple(d for key, d in QMV_TC_OPTIONS.items() if c.get(key))
+
+
+# The fusions whose rows pair up in a block, gate's and up's of JG_SWIGLU and a RoPE
+# pair's of JG_ROPE (rows i and i + D/2 of a head), hold PAIR_TILES 16-row tiles per
+# block: one per group of KS warps (WG 2, RT 1: each warp reads one tile, as the plain
+# GEMV does) or both on every warp (WG 1, RT 2, sessions 4-13).
+PAIR_TILES = 2
+PAIR_TC = {"WG": 2}
+# Compiled decode puts its paired fusions on the tensor cores from this many weights per
+# matrix (q's, gate's): faster at the 8B shape (gate 14336 x 4096), slower end to end on
+# SmolLM2's (1536 x 576: 415 vs 446 and 483 vs 524 tok/s in two H100 runs, session 14),
+# where the decode is bound by host time and the CUDA-core kernels are as fast.
+PAIR_TC_MIN_WEIGHTS = FUSED_MIN_WEIGHTS
+
+
+def _pair_rt(c) -> int:
+    """RT of a paired kernel's config: the tiles per warp that make PAIR_TILES per block."""
+    if PAIR_TILES % c["WG"]:
+        raise ValueError(f"a paired kernel holds {PAIR_TILES} tiles per block: WG {c['WG']} does not divide them")
+    return PAIR_TILES // c["WG"]
 
 
 def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, resid=None):
@@ -221,34 +243,28 @@ def qmv_tc(x, w, scales, biases, group_size, bits, config=None, *, norm=None, re
     defines, extra = _fusion_args(norm, resid)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
                                               c["RT"], c["KS"], c["MT"], c["CH"], options + defines,
-                                              min_blocks=c["MINB"])
+                                              min_blocks=c["MINB"], WG=c["WG"])
     return kern(inputs=[x, w, scales, biases, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[_out_shape(x, N, resid)], output_dtypes=[x.dtype])[0]
 
 
 def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
     """swiglu on the tensor cores (CUDA; qmv_tc_supported): each block's even tiles
-    read gate, its odd tiles up, for the same rows (RT even)."""
-    c, options = _tc_config(bits, config)
-    RT = max(2, c["RT"] + c["RT"] % 2)
+    read gate, its odd tiles up, for the same rows."""
+    c, options = _tc_config(bits, config, pair=True)
     N, K = gate[0].shape[0], x.shape[-1]
     defines, extra = _fusion_args(norm, None)
     kern, template, grid, tg = _qmv_tc_launch(x.size // K, (N,), K, bits, group_size, x.dtype,
-                                              RT, c["KS"], c["MT"], c["CH"], options + ("JG_SWIGLU",) + defines,
-                                              min_blocks=c["MINB"])
+                                              _pair_rt(c), c["KS"], c["MT"], c["CH"],
+                                              options + ("JG_SWIGLU",) + defines, min_blocks=c["MINB"], WG=c["WG"])
     return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
 
 
-# q/k/v on the tensor cores: two tiles per warp, so that with RoPE a rotation pair's
-# rows (i and i + D/2 of a head) meet in one block
-QKV_TC_RT = 2
-
-
 def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
-    """Whether qmv_tc_multi can serve these matrices: whole blocks of 16 * QKV_TC_RT rows
+    """Whether qmv_tc_multi can serve these matrices: whole blocks of 16 * PAIR_TILES rows
     per matrix; with RoPE whole heads, each a whole number of blocks."""
-    rows = 16 * QKV_TC_RT
+    rows = 16 * PAIR_TILES
     if head_dim is not None and (head_dim % (2 if traditional else rows) or any(m[0].shape[0] % head_dim for m in mats)):
         return False
     return all(m[0].shape[0] % rows == 0 for m in mats)
@@ -256,17 +272,17 @@ def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
 
 def qmv_tc_multi(x, mats, group_size, bits, config=None, *, norm=None, rope=None, shapes=None, kv_pair=False):
     """qmv_multi on the tensor cores (CUDA; qmv_tc_supported, multi_tc_rows_ok)."""
-    c, options = _tc_config(bits, config)
+    c, options = _tc_config(bits, config, pair=True)
     Ns, K = tuple(m[0].shape[0] for m in mats), x.shape[-1]
     defines, extra = _fusion_args(norm, None)
     head_dim = traditional = 0
     if rope is not None:
         inv_freq, offset, head_dim, traditional = rope
         defines, extra = defines + ("JG_ROPE",), extra + [inv_freq, offset]
-    kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, QKV_TC_RT, c["KS"],
+    kern, template, grid, tg = _qmv_tc_launch(x.size // K, Ns, K, bits, group_size, x.dtype, _pair_rt(c), c["KS"],
                                               c["MT"], c["CH"],
                                               options + ("JG_MULTI",) + _kv_pair_defines(mats, kv_pair) + defines,
-                                              head_dim, bool(traditional), min_blocks=c["MINB"])
+                                              head_dim, bool(traditional), min_blocks=c["MINB"], WG=c["WG"])
     out_shapes = _multi_shapes(x, Ns, shapes, kv_pair)
     return kern(inputs=[x, *mats[0], *mats[1], *mats[2], *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=out_shapes, output_dtypes=[x.dtype] * len(out_shapes))

@@ -1,0 +1,128 @@
+"""Probe: each kernel of one decode block of the Llama-3-8B shape (4 bits, group 64,
+fp16), timed in a chain of dependent launches with its inputs cold (rotating copies
+larger than the L2, as a decode reads them) and hot (one copy, in the L2). Where hot is
+much faster than cold, the kernel waits on DRAM, and data fetched into the L2 ahead of
+it (by the launch before) would pay; where the two are level, it is bound by its own
+work. Each op runs under mx.compile, as in the decode step, so its small constants
+(eps, scale) are made once. GPU only; writes $OUT/decode_kernels_probe.json.
+
+    python scripts/decode_kernels_probe.py [context]
+"""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx  # noqa: E402
+
+from jang import bench_kernels as bk  # noqa: E402
+from jang.kernels import gpu  # noqa: E402
+
+GS, BITS, DTYPE = 64, 4, mx.float16
+H, I, HQ, HKV, D = 4096, 14336, 32, 8, 128
+# the paired kernels' launch forms: the default (a warp group per tile), the old one
+# (both tiles on every warp), and more warps per group
+PAIR_CONFIGS = (None, {"WG": 1}, {"WG": 2, "KS": 2}, {"WG": 2, "KS": 4})
+
+
+def matrices(shapes, copies):
+    one = tuple(a for n, k in shapes for a in bk._random_quantized(n, k, GS, BITS, DTYPE))
+    sets = [one] + [tuple(a + 0 for a in one) for _ in range(copies - 1)]
+    mx.eval(sets)
+    return [tuple(s[3 * i:3 * i + 3] for i in range(len(shapes))) for s in sets]
+
+
+def main():
+    context = int(sys.argv[1]) if len(sys.argv) > 1 else 560
+    capacity = -(-context // 256) * 256 + 256
+    rows = []
+
+    def probe(name, op, x, sets, nbytes):
+        for temp, use in (("cold", sets), ("hot", sets[:1])):
+            us, wall, names = bk.chain_time(mx.compile(op), x, use)
+            own = max(names.values())  # the probed kernel; reshapes/slices add copies of their own
+            rows.append({"kernel": name, "inputs": temp, "gpu_us": round(us, 2), "own_us": round(own, 2),
+                         "wall_us": round(wall, 2), "GB_s": round(nbytes / own / 1e3, 1), "names": names})
+            print(f"{name:34s} {temp:4s} total {us:7.2f}  own {own:7.2f} us  {nbytes / own / 1e3:7.1f} GB/s",
+                  flush=True)
+
+    def copies(nbytes):
+        return max(2, math.ceil(2 * bk.L2_BYTES / nbytes))
+
+    x = mx.random.normal((1, H)).astype(DTYPE)
+    resid = mx.random.normal((1, H)).astype(DTYPE)  # not x: an array both traced input and constant fails to compile
+    nw = (1 + 0.1 * mx.random.normal((H,))).astype(DTYPE)
+    mx.eval(x, resid, nw)
+    norm = (nw, 1e-5)
+    pos = gpu.position(context - 1)
+    rope = (gpu.rope_inv_freq(D, 500000.0), pos, D, False)
+    mx.eval(rope[0])
+
+    # q/k/v + norm + RoPE, k and v as one pair (the step's form)
+    qkv_bytes = sum(a.nbytes for m in matrices([(HQ * D, H), (HKV * D, H), (HKV * D, H)], 1)[0] for a in m)
+    sets = matrices([(HQ * D, H), (HKV * D, H), (HKV * D, H)], copies(qkv_bytes))
+    shapes = [(1, HQ, 1, D), (2, HKV, 1, D)]
+    probe("qkv cuda-core", lambda v, s: gpu.qmv_multi(v, s, GS, BITS, norm=norm, rope=rope, shapes=shapes,
+                                                       kv_pair=True)[0].reshape(1, H), x, sets, qkv_bytes)
+    for config in PAIR_CONFIGS:
+        probe(f"qkv tc {config}", lambda v, s, c=config: gpu.qmv_tc_multi(
+            v, s, GS, BITS, c, norm=norm, rope=rope, shapes=shapes, kv_pair=True)[0].reshape(1, H), x, sets, qkv_bytes)
+    sets = None
+
+    # attention over the step's buffer: cold = every launch another layer's rows
+    buf = mx.random.normal((64, HKV, capacity, D)).astype(DTYPE)  # 32 layers' keys and values
+    kv_new = mx.random.normal((2, HKV, 1, D)).astype(DTYPE)
+    q = mx.random.normal((1, HQ, 1, D)).astype(DTYPE)
+    mx.eval(buf, kv_new, q)
+    att_bytes = 2 * HKV * context * D * 2
+    for label, per in (("attention step PER 8", None), ("attention step PER 4", 4)):
+        ops = [mx.compile(lambda v, row=row, per=per: gpu.attention_decode(
+            v, buf, None, 1 / math.sqrt(D), pos=pos, per=per, step=(kv_new, row))) for row in range(0, 64, 2)]
+        for temp, use in (("cold", ops), ("hot", ops[:1])):
+            us, wall, names = bk.chain_time(lambda v, op: op(v), q, use)
+            own = max(names.values())
+            rows.append({"kernel": label, "inputs": temp, "gpu_us": round(us, 2), "own_us": round(own, 2),
+                         "wall_us": round(wall, 2), "GB_s": round(att_bytes / own / 1e3, 1), "names": names})
+            print(f"{label:34s} {temp:4s} total {us:7.2f}  own {own:7.2f} us", flush=True)
+    buf = None
+
+    # o_proj + residual on the tensor cores
+    o_bytes = sum(a.nbytes for a in matrices([(H, H)], 1)[0][0])
+    sets = matrices([(H, H)], copies(o_bytes))
+    probe("o_proj tc + resid", lambda v, s: gpu.qmv_tc(v, *s[0], GS, BITS, resid=resid), x, sets, o_bytes)
+    sets = None
+
+    # gate + up + SwiGLU (+ norm)
+    gu_bytes = 2 * sum(a.nbytes for a in matrices([(I, H)], 1)[0][0])
+    sets = matrices([(I, H), (I, H)], copies(gu_bytes))
+    variants = (("gate/up cuda-core norm", lambda v, s: gpu.swiglu(v, *s, GS, BITS, norm=norm)),
+                ("gate/up cuda-core", lambda v, s: gpu.swiglu(v, *s, GS, BITS)),
+                *((f"gate/up tc norm {c}", lambda v, s, c=c: gpu.swiglu_tc(v, *s, GS, BITS, c, norm=norm))
+                  for c in PAIR_CONFIGS),
+                ("gate/up tc", lambda v, s: gpu.swiglu_tc(v, *s, GS, BITS)))
+    for label, fn in variants:
+        probe(label, lambda v, s, fn=fn: fn(v, s)[:, :H], x, sets, gu_bytes)
+    sets = None
+    sets = matrices([(2 * I, H)], copies(gu_bytes))
+    probe("qmv_tc 28672x4096 (gate/up's bytes)", lambda v, s: gpu.qmv_tc(v, *s[0], GS, BITS)[:, :H], x, sets, gu_bytes)
+    sets = None
+
+    # down + residual on the tensor cores
+    d_bytes = sum(a.nbytes for a in matrices([(H, I)], 1)[0][0])
+    sets = matrices([(H, I)], copies(d_bytes))
+    xi, pad = mx.random.normal((1, I)).astype(DTYPE), mx.random.normal((1, I - H)).astype(DTYPE)
+    mx.eval(xi, pad)
+    probe("down tc + resid", lambda v, s: mx.concatenate([gpu.qmv_tc(v, *s[0], GS, BITS, resid=resid), pad], 1),
+          xi, sets, d_bytes)
+    sets = None
+
+    out = Path(os.environ.get("OUT", "/tmp")) / "decode_kernels_probe.json"
+    out.write_text(json.dumps({"device": bk.device_name(), "context": context, "capacity": capacity,
+                               "copy_GB_s": round(bk.copy_bandwidth() / 1e9), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
