@@ -78,9 +78,13 @@ def main():
     q = mx.random.normal((1, HQ, 1, D)).astype(DTYPE)
     mx.eval(buf, kv_new, q)
     att_bytes = 2 * HKV * context * D * 2
-    for label, per in (("attention step PER 8", None), ("attention step PER 4", 4)):
-        ops = [mx.compile(lambda v, row=row, per=per: gpu.attention_decode(
-            v, buf, None, 1 / math.sqrt(D), pos=pos, per=per, step=(kv_new, row))) for row in range(0, 64, 2)]
+    # launch shapes: the default (4 warps, 8 key rows per thread), twice the blocks, and
+    # the default's 64 keys per block over twice the warps (not yet run: session 14's note)
+    for label, warps, per in (("attention step PER 8", None, None), ("attention step PER 4", None, 4),
+                              ("attention step WARPS 8 PER 4", 8, 4)):
+        ops = [mx.compile(lambda v, row=row, warps=warps, per=per: gpu.attention_decode(
+            v, buf, None, 1 / math.sqrt(D), pos=pos, warps=warps, per=per, step=(kv_new, row)))
+            for row in range(0, 64, 2)]
         for temp, use in (("cold", ops), ("hot", ops[:1])):
             us, wall, names = bk.chain_time(lambda v, op: op(v), q, use)
             own = max(names.values())
