@@ -28,11 +28,13 @@ H, I, HQ, HKV, D = 4096, 14336, 32, 8, 128
 PAIR_CONFIGS = (None, {"WG": 1}, {"WG": 2, "KS": 2}, {"WG": 2, "KS": 4})
 
 
-def matrices(shapes, copies):
+def matrices(shapes):
+    """(sets, bytes of one set): copies of the (w, scales, biases) of each (rows, K) in
+    shapes, as many as overflow the L2 when launches cycle through them (at least two
+    for every shape here, so "hot" is one copy and "cold" all of them)."""
     one = tuple(a for n, k in shapes for a in bk._random_quantized(n, k, GS, BITS, DTYPE))
-    sets = [one] + [tuple(a + 0 for a in one) for _ in range(copies - 1)]
-    mx.eval(sets)
-    return [tuple(s[3 * i:3 * i + 3] for i in range(len(shapes))) for s in sets]
+    sets = bk._rotating(one)
+    return [tuple(s[3 * i:3 * i + 3] for i in range(len(shapes))) for s in sets], bk._nbytes(*one)
 
 
 def main():
@@ -40,17 +42,16 @@ def main():
     capacity = -(-context // 256) * 256 + 256
     rows = []
 
-    def probe(name, op, x, sets, nbytes):
+    def probe(name, op, x, sets, nbytes, compiled=False):
+        """Chain op(v, set) cold (cycling through sets) and hot (the first set only);
+        op is compiled here unless it compiles its own calls (compiled)."""
         for temp, use in (("cold", sets), ("hot", sets[:1])):
-            us, wall, names = bk.chain_time(mx.compile(op), x, use)
+            us, wall, names = bk.chain_time(op if compiled else mx.compile(op), x, use)
             own = max(names.values())  # the probed kernel; reshapes/slices add copies of their own
             rows.append({"kernel": name, "inputs": temp, "gpu_us": round(us, 2), "own_us": round(own, 2),
                          "wall_us": round(wall, 2), "GB_s": round(nbytes / own / 1e3, 1), "names": names})
             print(f"{name:34s} {temp:4s} total {us:7.2f}  own {own:7.2f} us  {nbytes / own / 1e3:7.1f} GB/s",
                   flush=True)
-
-    def copies(nbytes):
-        return max(2, math.ceil(2 * bk.L2_BYTES / nbytes))
 
     x = mx.random.normal((1, H)).astype(DTYPE)
     resid = mx.random.normal((1, H)).astype(DTYPE)  # not x: an array both traced input and constant fails to compile
@@ -62,8 +63,7 @@ def main():
     mx.eval(rope[0])
 
     # q/k/v + norm + RoPE, k and v as one pair (the step's form)
-    qkv_bytes = sum(a.nbytes for m in matrices([(HQ * D, H), (HKV * D, H), (HKV * D, H)], 1)[0] for a in m)
-    sets = matrices([(HQ * D, H), (HKV * D, H), (HKV * D, H)], copies(qkv_bytes))
+    sets, qkv_bytes = matrices([(HQ * D, H), (HKV * D, H), (HKV * D, H)])
     shapes = [(1, HQ, 1, D), (2, HKV, 1, D)]
     probe("qkv cuda-core", lambda v, s: gpu.qmv_multi(v, s, GS, BITS, norm=norm, rope=rope, shapes=shapes,
                                                        kv_pair=True)[0].reshape(1, H), x, sets, qkv_bytes)
@@ -85,23 +85,16 @@ def main():
         ops = [mx.compile(lambda v, row=row, warps=warps, per=per: gpu.attention_decode(
             v, buf, None, 1 / math.sqrt(D), pos=pos, warps=warps, per=per, step=(kv_new, row)))
             for row in range(0, 64, 2)]
-        for temp, use in (("cold", ops), ("hot", ops[:1])):
-            us, wall, names = bk.chain_time(lambda v, op: op(v), q, use)
-            own = max(names.values())
-            rows.append({"kernel": label, "inputs": temp, "gpu_us": round(us, 2), "own_us": round(own, 2),
-                         "wall_us": round(wall, 2), "GB_s": round(att_bytes / own / 1e3, 1), "names": names})
-            print(f"{label:34s} {temp:4s} total {us:7.2f}  own {own:7.2f} us", flush=True)
+        probe(label, lambda v, op: op(v), q, ops, att_bytes, compiled=True)
     buf = None
 
     # o_proj + residual on the tensor cores
-    o_bytes = sum(a.nbytes for a in matrices([(H, H)], 1)[0][0])
-    sets = matrices([(H, H)], copies(o_bytes))
+    sets, o_bytes = matrices([(H, H)])
     probe("o_proj tc + resid", lambda v, s: gpu.qmv_tc(v, *s[0], GS, BITS, resid=resid), x, sets, o_bytes)
     sets = None
 
     # gate + up + SwiGLU (+ norm)
-    gu_bytes = 2 * sum(a.nbytes for a in matrices([(I, H)], 1)[0][0])
-    sets = matrices([(I, H), (I, H)], copies(gu_bytes))
+    sets, gu_bytes = matrices([(I, H), (I, H)])
     variants = (("gate/up cuda-core norm", lambda v, s: gpu.swiglu(v, *s, GS, BITS, norm=norm)),
                 ("gate/up cuda-core", lambda v, s: gpu.swiglu(v, *s, GS, BITS)),
                 *((f"gate/up tc norm {c}", lambda v, s, c=c: gpu.swiglu_tc(v, *s, GS, BITS, c, norm=norm))
@@ -110,13 +103,12 @@ def main():
     for label, fn in variants:
         probe(label, lambda v, s, fn=fn: fn(v, s)[:, :H], x, sets, gu_bytes)
     sets = None
-    sets = matrices([(2 * I, H)], copies(gu_bytes))
+    sets, _ = matrices([(2 * I, H)])  # the same bytes as gate's and up's
     probe("qmv_tc 28672x4096 (gate/up's bytes)", lambda v, s: gpu.qmv_tc(v, *s[0], GS, BITS)[:, :H], x, sets, gu_bytes)
     sets = None
 
     # down + residual on the tensor cores
-    d_bytes = sum(a.nbytes for a in matrices([(H, I)], 1)[0][0])
-    sets = matrices([(H, I)], copies(d_bytes))
+    sets, d_bytes = matrices([(H, I)])
     xi, pad = mx.random.normal((1, I)).astype(DTYPE), mx.random.normal((1, I - H)).astype(DTYPE)
     mx.eval(xi, pad)
     probe("down tc + resid", lambda v, s: mx.concatenate([gpu.qmv_tc(v, *s[0], GS, BITS, resid=resid), pad], 1),
