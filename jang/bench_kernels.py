@@ -308,8 +308,9 @@ def norm_rope_cases(dtype=mx.float16, heads=32, dims=128, lengths=(1, 512)):
     return rows
 
 
-# decode attention's launch shapes tried besides the default (gpu.ATTENTION_DECODE)
-ATTENTION_SWEEP = ({"WARPS": 4, "PER": 4}, {"WARPS": 8, "PER": 8}, {"WARPS": 4, "PER": 16})
+# decode attention's launch shapes tried besides the default (gpu.decode_shape; the
+# first is the default before session 15)
+ATTENTION_SWEEP = ({"WARPS": 4, "PER": 8}, {"WARPS": 4, "PER": 4}, {"WARPS": 8, "PER": 8})
 
 
 def attention_cases(dtype=mx.float16, hq=32, hkv=8, dims=128, contexts=(640, 1024, 4096, 16384, 32768),

@@ -78,10 +78,10 @@ def main():
     q = mx.random.normal((1, HQ, 1, D)).astype(DTYPE)
     mx.eval(buf, kv_new, q)
     att_bytes = 2 * HKV * context * D * 2
-    # launch shapes: the default (4 warps, 8 key rows per thread), twice the blocks, and
-    # the default's 64 keys per block over twice the warps (not yet run: session 14's note)
-    for label, warps, per in (("attention step PER 8", None, None), ("attention step PER 4", None, 4),
-                              ("attention step WARPS 8 PER 4", 8, 4)):
+    # launch shapes: the default (gpu.decode_shape: 8 warps, 4 key rows per thread), the
+    # default before session 15 (the same 64 keys per block over 4 warps), and twice the blocks
+    for label, warps, per in (("attention step default", None, None), ("attention step WARPS 4 PER 8", 4, 8),
+                              ("attention step WARPS 4 PER 4", 4, 4)):
         ops = [mx.compile(lambda v, row=row, warps=warps, per=per: gpu.attention_decode(
             v, buf, None, 1 / math.sqrt(D), pos=pos, warps=warps, per=per, step=(kv_new, row)))
             for row in range(0, 64, 2)]

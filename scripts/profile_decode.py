@@ -10,7 +10,9 @@ GPU only. Usage: profile_decode.py [out.json] [model name] [config ...]
 KV_STEP=N in the environment sets mlx-lm's KVCache growth step (256; `jang bench decode`
 takes "kv_step=N" in a config): MLX's CUDA SDPA decodes through cuDNN only over cache
 buffers of a multiple of 256 positions, and through its own vector kernel otherwise, so
-KV_STEP=320 profiles the other attention path."""
+KV_STEP=320 profiles the other attention path. PROFILE_MLX_LM=0 leaves out mlx-lm's row (to
+compare MLX settings read once per process, such as MLX_USE_CUDA_GRAPHS or
+MLX_MAX_OPS_PER_BUFFER / MLX_MAX_MB_PER_BUFFER, one process each)."""
 
 import json
 import sys
@@ -106,10 +108,14 @@ def profile(model, steps=16):
 
 def profile_configs(name: str, configs) -> list:
     """mlx-lm's row, then one row per JANG config, each on a freshly built model."""
-    model = bk.random_llama(name, 4)
-    rows = [{"config": "mlx-lm", **profile(model)}]
-    print(rows[-1], flush=True)
-    del model
+    import os
+
+    rows = []
+    if os.environ.get("PROFILE_MLX_LM", "1") != "0":
+        model = bk.random_llama(name, 4)
+        rows.append({"config": "mlx-lm", **profile(model)})
+        print(rows[-1], flush=True)
+        del model
     for config in configs:
         with kernels.enabled(op for op in config.split(",") if op):
             model = bk.random_llama(name, 4)
@@ -132,8 +138,9 @@ def main():
         step = KVCache.step
         rows = profile_configs(name, configs)
     if out:
+        mlx_env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
         Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": step,
-                                         "rows": rows}, indent=1))
+                                         "mlx_env": mlx_env, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -427,28 +427,39 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
 
 
 # Decode attention (attention_split, one launch): the block's warps and key rows per
-# thread, swept by `jang bench kernels` (docs/kernels.md). G (query heads per KV
-# head) up to 8: jg_red holds ROWS * G * D floats, 32 KB at G = 8 with 4 warps.
-ATTENTION_DECODE = {"WARPS": 4, "PER": 8}
+# thread, by backend and G (query heads per KV head): (largest G, shape), smallest first.
+# jg_red holds ROWS G D = WARPS G 256 floats (4 KB per warp and query head).
+# CUDA: where G <= 4, 8 warps of 4 rows hold the same keys per block (64 at D 128) as 4
+# warps of 8 rows, but each warp's chain of dependent steps is half as long: 10.7 ->
+# 8.5 us per layer at 560 keys (8B shape, H200, scripts/decode_kernels_probe.py, session
+# 15). 32 KB of jg_red, under the 48 KB of static shared memory a CUDA block may have.
+# Metal: a threadgroup has 32 KB, so at most 16 KB of jg_red (compiled for syntax only).
+# ATTENTION_SWEEP in bench_kernels times other shapes.
+ATTENTION_DECODE = {"cuda": ((4, {"WARPS": 8, "PER": 4}), (8, {"WARPS": 4, "PER": 4})),
+                    "metal": ((4, {"WARPS": 4, "PER": 8}), (8, {"WARPS": 2, "PER": 8}))}
 ATTENTION_MAX_G = 8
+
+
+def decode_shape(G) -> dict:
+    """attention_split's default launch shape for G query heads per KV head."""
+    return next(shape for max_g, shape in ATTENTION_DECODE[_dialect()] if G <= max_g)
 
 
 def attention_decode_supported(q, k) -> bool:
     """Whether attention_decode covers these heads, head dim, dtype and keys: the last
     block merges the splits through 2 G splits floats of its ROWS G D shared ones, so at
-    most ROWS D / 2 splits (32k keys for 4 warps and G <= 4, 16k for G up to 8)."""
+    most ROWS D / 2 splits (on CUDA: 64k keys for G <= 4, 16k for G up to 8)."""
     B, Hq, L, D = q.shape
     if not (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
             and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G):
         return False
-    per, C = _decode_chunk(D, Hq // k.shape[1], ATTENTION_DECODE["WARPS"])
+    per, C = _decode_chunk(D, Hq // k.shape[1])
     return -(-k.shape[2] // C) <= (C // per) * D // 2  # C // per: the block's ROWS
 
 
-def _decode_chunk(D, G, warps, per=None):
-    """(key rows per thread, keys per block) of attention_split."""
-    if per is None:  # half as many rows in flight where G > 4: q and the sums take the registers
-        per = ATTENTION_DECODE["PER"] if G <= 4 else ATTENTION_DECODE["PER"] // 2
+def _decode_chunk(D, G, warps=None, per=None):
+    """(key rows per thread, keys per block) of attention_split; None: G's default."""
+    warps, per = warps or decode_shape(G)["WARPS"], per or decode_shape(G)["PER"]
     return per, per * warps * 32 // (D // 8)
 
 
@@ -485,7 +496,7 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     G = Hq // Hkv
     if pos is None:
         pos = position((S if length is None else length) - 1)
-    warps = warps or ATTENTION_DECODE["WARPS"]
+    warps = warps or decode_shape(G)["WARPS"]
     per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
