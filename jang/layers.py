@@ -150,9 +150,13 @@ class _FusedSwiGLU:
 
 
 def _mlp_residual(mlp, norm, h):
-    """h + mlp(norm(h)) with as few launches as the kernels allow: norm + gate + up +
-    SwiGLU in one, down + the residual add in another."""
+    """h + mlp(norm(h)) with as few launches as the kernels allow: all of it in one
+    (kernels.mlp_residual), else norm + gate + up + SwiGLU in one and down + the
+    residual add in another."""
     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    out = None if down is None else kernels.mlp_residual(h, gate, up, down, norm)
+    if out is not None:
+        return out
     y = None if down is None else kernels.swiglu(h, gate, up, norm=norm)
     if y is None:
         return h + mlp(norm(h))

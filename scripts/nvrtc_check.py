@@ -87,6 +87,10 @@ VARIANTS.update({
     "qmv_tc_swiglu_norm": ("qmv_tc", ("JG_SWIGLU", "JG_NORM"),
                            [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN, []),
     "qmv_tc_stream": ("qmv_tc", ("JG_TC_STREAM",), [], []),
+    "qmv_tc_swiglu_norm_down": ("qmv_tc", ("JG_TC_STREAM", "JG_SWIGLU", "JG_NORM", "JG_DOWN"),
+                                [("wu", "uint32_t"), ("su_", _H), ("bu_", _H)] + _NORM_IN
+                                + [("wd", "uint32_t"), ("sd_", _H), ("bd_", _H), ("resid", _H), ("dsum", "float"),
+                                   ("counter", "int32_t")], []),
     "qmv_tc_multi_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_NORM", "JG_ROPE"),
                                _MULTI_IN + _NORM_IN + [("inv_freq", "float"), ("offset", "int32_t")], ["out1", "out2"]),
     "qmv_tc_multi_kv_pair_norm_rope": ("qmv_tc", ("JG_MULTI", "JG_KV_PAIR", "JG_NORM", "JG_ROPE"),
@@ -102,6 +106,8 @@ def source(name, launch_bounds=()):
     inputs, template = KERNELS[name if name in KERNELS else body_name]
     if "JG_ROPE" in defines:
         template += " constexpr int D = 128; constexpr bool TRADITIONAL = false;"
+    if "JG_DOWN" in defines:
+        template += " constexpr int DBITS = 4; constexpr int DGS = 64;"
     inputs = inputs + extra_in
     head, body = dialect.source(body_name, "cuda", defines, launch_bounds)  # exactly the text MLX is handed
     args = []

@@ -263,6 +263,69 @@ def test_qmv_tc_fusions(bits, dtype):
                 assert rel_err(out, g * mx.sigmoid(g) * u) < 3 * TOL[dtype]
 
 
+DOWN_CASES = [(4, mx.float16, 4, 64, None), (4, mx.float16, 4, 64, {"WG": 8}), (2, mx.float16, 4, 32, None),
+              (4, mx.bfloat16, 8, 64, None), (8, mx.float16, 2, 128, None), (2, mx.bfloat16, 2, 64, {"WG": 4})]
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+@pytest.mark.parametrize("bits,dtype,down_bits,down_group,config", DOWN_CASES,
+                         ids=[f"{b}bit-{'fp16' if d == mx.float16 else 'bf16'}-down{db}g{dg}-{c and c['WG']}"
+                              for b, d, db, dg, c in DOWN_CASES])
+def test_swiglu_down_tc(bits, dtype, down_bits, down_group, config):
+    """The whole MLP in one launch (gate + up + SwiGLU on the tensor cores, down split
+    over the blocks with fp32 atomics, the last block adding the residual) against the
+    fp32 reference of norm -> gate/up -> SwiGLU -> down -> + residual, for one to three
+    tokens (three: two token blocks count in), twice in a row (the launch leaves its
+    sums and count at zero for the next), with down's bits and group size its own."""
+    H, I = 640, 512  # 10 groups of 64: the last run of 8 is partial; 4 blocks of 128 rows
+    gate, up = quantized(I, H, bits, 64, dtype, seed=40), quantized(I, H, bits, 64, dtype, seed=41)
+    down = quantized(H, I, down_bits, down_group, dtype, seed=42)
+    assert gpu.swiglu_down_supported(I, down[0], down_bits, down_group)
+    nw = (1 + 0.1 * mx.random.normal((H,))).astype(dtype)
+    for m in (1, 2, 3):
+        x = (3 * mx.random.normal((m, H))).astype(dtype)
+        resid = mx.random.normal((m, H)).astype(dtype)
+        xn = rms_norm_ref(x, nw, 1e-5).astype(dtype)
+        g, u = reference_matmul(xn, *gate, 64, bits), reference_matmul(xn, *up, 64, bits)
+        h = (g * mx.sigmoid(g) * u).astype(dtype)
+        ref = resid.astype(mx.float32) + reference_matmul(h, *down, down_group, down_bits)
+        for _ in range(2):
+            out = gpu.swiglu_down_tc(x, gate, up, down, 64, bits, down_bits, down_group, resid, config,
+                                     norm=(nw, 1e-5))
+            assert out.shape == (m, H) and out.dtype == dtype
+            assert rel_err(out, ref) < 3 * TOL[dtype], m
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
+def test_mlp_residual_routes_the_whole_mlp(monkeypatch):
+    """kernels.mlp_residual takes an mlx-lm-quantized MLP whose gate/up go to the tensor
+    cores (route fused_mlp, opt-in), gives mlx-lm's h + down(silu(gate(norm h)) * up(norm h)),
+    and declines with the route off or below the paired fusions' size."""
+    import mlx.nn as nn
+
+    from jang import kernels
+    from jang.layers import adopt_all
+
+    monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)
+    mx.random.seed(5)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(512, 1024, False), nn.Linear(512, 1024, False), nn.Linear(1024, 512, False)
+    mlp.norm = nn.RMSNorm(512, eps=1e-5)
+    mlp.set_dtype(mx.float16)
+    nn.quantize(mlp, group_size=64, bits=4)
+    adopt_all(mlp)
+    h = mx.random.normal((1, 1, 512)).astype(mx.float16)
+    xn = mlp.norm(h)
+    ref = h + mlp.down_proj(nn.silu(mlp.gate_proj(xn)) * mlp.up_proj(xn))
+    assert kernels.mlp_residual(h, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.norm) is None  # opt-in
+    with kernels.enabled({"fused_mlp"}):
+        out = kernels.mlp_residual(h, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.norm)
+        assert out is not None and out.shape == h.shape
+        assert rel_err(out, ref) < 3 * TOL[mx.float16]
+        monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 1 << 30)
+        assert kernels.mlp_residual(h, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.norm) is None
+
+
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="the tensor-core GEMV is CUDA only")
 @pytest.mark.parametrize("config", PAIR_CONFIGS[:2], ids=["default", "wg1"])
 @pytest.mark.parametrize("head_dim", (64, 128))
@@ -344,13 +407,14 @@ def test_paired_fusions_take_the_tensor_cores_from_their_size():
         assert kernels._pair_on_tensor_cores(x_large, large, mlp=True) == kernels.route("fused_tc_mlp")
 
 
-@pytest.mark.parametrize("extra", [(), ("fused_tc=off",), ("fused_tc=off", "fused_tc_mlp"), ("decode_step=off",),
-                                   ("decode_chain=off",), ("decode_attention=off",)],
-                         ids=["tensor-core", "cuda-core", "tensor-core-mlp", "chain", "per-block", "mlx-attention"])
+@pytest.mark.parametrize("extra", [(), ("fused_mlp",), ("fused_tc=off",), ("fused_tc=off", "fused_tc_mlp"),
+                                   ("decode_step=off",), ("decode_chain=off",), ("decode_attention=off",)],
+                         ids=["tensor-core", "fused-mlp", "cuda-core", "tensor-core-mlp", "chain", "per-block",
+                              "mlx-attention"])
 def test_compiled_decode_with_fused_kernels(extra, monkeypatch):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
-    on (q/k/v and gate/up on the CUDA cores, or on the tensor cores; chained across
-    blocks, or per block) gives the logits of mlx-lm's own modules. Its layers are under
+    on (q/k/v and gate/up on the CUDA cores, or on the tensor cores, or the whole MLP in
+    one launch; chained across blocks, or per block) gives the logits of mlx-lm's own modules. Its layers are under
     the size from which the tensor cores take the paired fusions, so that size is
     lowered here."""
     monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)

@@ -69,6 +69,11 @@ ROUTES = {
         "compiled_decode": True,  # layers.compile_decode: one compiled call before and after the KV cache
         "decode_chain": True,  # ... and one per block boundary (layers._DecodeChain) where the whole step allows
         "fused_decode": True,  # the fused GEMVs inside compiled decode (kernels.qkv, linear_residual, swiglu)
+        # ... and the whole MLP + residual in one launch (kernels.mlp_residual) where gate/up
+        # take the tensor cores (_pair_on_tensor_cores): a graph node less per layer, but
+        # slower on the GPU so far (47 vs 39 us per layer of the 8B shape, H200, session
+        # 15; docs/kernels.md), and no host time saved measured: opt-in
+        "fused_mlp": False,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
@@ -256,6 +261,21 @@ def swiglu(x, gate, up, norm=None):
         return None  # a plain swap of launches: only where the kernel is faster on the GPU
     fused = gpu.swiglu_tc if _pair_on_tensor_cores(x, gate, mlp=True) else gpu.swiglu
     return fused(x, _arrays(gate), _arrays(up), gate.group_size, gate.bits, norm=None if norm is None else _rms(norm))
+
+
+def mlp_residual(h, gate, up, down, norm):
+    """h + down(silu(gate(norm(h))) * up(norm(h))) in one launch (gpu.swiglu_down_tc),
+    or None where it does not apply (the caller then runs swiglu and linear_residual)."""
+    if not (route("fused_mlp") and _plain(down) and _fusable("fused_decode", h, (gate, up), norm)
+            and _pair_on_tensor_cores(h, gate, mlp=True)):
+        return None
+    wd, sd, bd = _arrays(down)
+    if not (gpu.supports_weights(wd, sd, bd, down.group_size, down.bits, down.mode) and sd.dtype == h.dtype
+            and wd.shape[0] == h.shape[-1]
+            and gpu.swiglu_down_supported(gate["weight"].shape[0], wd, down.bits, down.group_size)):
+        return None
+    return gpu.swiglu_down_tc(h, _arrays(gate), _arrays(up), (wd, sd, bd), gate.group_size, gate.bits, down.bits,
+                              down.group_size, h, norm=_rms(norm))
 
 
 # mlx-lm rope module class -> its per-pair angular speeds (what the q/k/v kernel's

@@ -68,7 +68,8 @@ def _flat(x):
 FUSION_INPUTS = {"JG_MULTI": ("w1", "scales1", "biases1", "w2", "scales2", "biases2"),
                  "JG_SWIGLU": ("wu", "su_", "bu_"),  # qmv_tc's up matrix (gate takes w / scales / biases)
                  "JG_NORM": ("norm_w", "eps"), "JG_RESID": ("resid",), "JG_ROPE": ("inv_freq", "offset"),
-                 "JG_STEP_KV": ("kv_new", "rows")}  # attention_split's: the token's own k and v, its block's rows
+                 "JG_STEP_KV": ("kv_new", "rows"),  # attention_split's: the token's own k and v, its block's rows
+                 "JG_DOWN": ("wd", "sd_", "bd_", "resid", "dsum", "counter")}  # qmv_tc's whole MLP
 
 
 def _input_names(base: tuple, defines) -> tuple:
@@ -183,11 +184,12 @@ def qmv_tc_supported(x, bits, group_size) -> bool:
 
 @lru_cache(maxsize=None)
 def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=(), head_dim=0, traditional=False,
-                   min_blocks=0, WG=1):
+                   min_blocks=0, WG=1, down=None):
     """Kernel object, template and geometry of one tensor-core GEMV shape. Ns: the rows
     of each matrix (three with JG_MULTI; gate's with JG_SWIGLU, whose up doubles them).
     min_blocks: blocks per SM the registers are capped for (__launch_bounds__), 0: none.
-    WG: groups of KS warps per block, each with RT tiles of its own (qmv_tc.body)."""
+    WG: groups of KS warps per block, each with RT tiles of its own (qmv_tc.body).
+    down: (bits, group size) of JG_DOWN's down matrix."""
     mt = min(MT, M)
     runs = math.ceil(K // group_size / 8)  # runs of 8 groups: the warps of a block share them out
     per_row = 2 if "JG_SWIGLU" in defines else 1  # weight rows read per output row (gate and up)
@@ -199,6 +201,8 @@ def _qmv_tc_launch(M, Ns, K, bits, group_size, dtype, RT, KS, MT, CH, defines=()
                 ("CH", CH)]
     if "JG_ROPE" in defines:
         template += [("D", head_dim), ("TRADITIONAL", traditional)]
+    if down is not None:
+        template += [("DBITS", down[0]), ("DGS", down[1])]
     inputs = _input_names(("x", "w", "scales", "biases"), defines)
     outputs = _outputs(defines)
     smem = mt * K * 2 if "JG_NORM" in defines else 0  # the normalised x of the block's tokens
@@ -259,6 +263,49 @@ def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
                                               options + ("JG_SWIGLU",) + defines, min_blocks=c["MINB"], WG=c["WG"])
     return kern(inputs=[x, *gate, *up, *extra], template=template, grid=grid, threadgroup=tg,
                 output_shapes=[(*x.shape[:-1], N)], output_dtypes=[x.dtype])[0]
+
+
+# The whole MLP in one launch (swiglu_down_tc, qmv_tc.body's JG_DOWN): WG groups of one
+# warp and one tile each, so a block holds 8 WG rows of silu(gate) * up and multiplies
+# them by as many of down's columns. WG 16: 128 columns, 112 blocks of 16 warps at the
+# 8B shape (14336 rows), as many warps as swiglu_tc's 896 blocks of 2, and 4096 fp32
+# atomics per block. MINB 1: 512 threads, registers capped at 128.
+MLP_TC = {"WG": 16, "RT": 1, "KS": 1, "MINB": 1}
+MLP_DOWN_BITS = (2, 4, 8)  # down's codes a lane unpacks from one word each
+
+
+def swiglu_down_supported(gate_rows: int, down, down_bits: int, down_group: int) -> bool:
+    """Whether swiglu_down_tc covers this MLP: down (hidden, intermediate) of 2, 4 or 8
+    bits, and whole blocks of intermediate rows."""
+    rows = 8 * MLP_TC["WG"]
+    return (down_bits in MLP_DOWN_BITS and down_group in GROUP_SIZES and gate_rows % rows == 0
+            and in_features(down, down_bits) == gate_rows and rows * down_bits // 32 <= 32)
+
+
+@lru_cache(maxsize=None)
+def _mlp_scratch(n: int):
+    """swiglu_down_tc's fp32 sums (n of them) and block count: zeros, and zero again after
+    every launch (its last block resets them). Launches share them: each layer's MLP
+    waits on the one before (its input is that one's output)."""
+    acc, counter = mx.zeros((max(4, n),), mx.float32), mx.zeros((4,), mx.int32)
+    mx.eval(acc, counter)
+    return acc, counter
+
+
+def swiglu_down_tc(x, gate, up, down, group_size, bits, down_bits, down_group, resid, config=None, *, norm=None):
+    """resid + down(silu(gate(x)) * up(x)) in one launch on the tensor cores (CUDA;
+    qmv_tc_supported, swiglu_down_supported): x (..., H) -> resid's shape. gate, up and
+    down are (w, scales, biases); norm=(weight, eps): x is RMS-normalised first."""
+    c, options = _tc_config(bits, {**MLP_TC, **(config or {})})
+    N, K = gate[0].shape[0], x.shape[-1]
+    M = x.size // K
+    defines, extra = _fusion_args(norm, None)
+    kern, template, grid, tg = _qmv_tc_launch(M, (N,), K, bits, group_size, x.dtype, c["RT"], c["KS"], c["MT"],
+                                              c["CH"], options + ("JG_SWIGLU",) + defines + ("JG_DOWN",),
+                                              min_blocks=c["MINB"], WG=c["WG"], down=(down_bits, down_group))
+    acc, counter = _mlp_scratch(M * resid.shape[-1])
+    return kern(inputs=[x, *gate, *up, *extra, *down, resid, acc, counter], template=template, grid=grid,
+                threadgroup=tg, output_shapes=[resid.shape], output_dtypes=[x.dtype])[0]
 
 
 def multi_tc_rows_ok(mats, head_dim=None, traditional=False) -> bool:
