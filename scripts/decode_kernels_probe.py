@@ -115,6 +115,17 @@ def main():
           xi, sets, d_bytes)
     sets = None
 
+    # the whole MLP (norm, gate/up, SwiGLU, down, residual): two launches (the default;
+    # compare "total", both kernels) and one (swiglu_down_tc, route fused_mlp) at three
+    # block sizes: 128, 64 and 32 rows of silu(gate) * up per block (session 15: not yet run)
+    sets, mlp_bytes = matrices([(I, H), (I, H), (H, I)])
+    probe("MLP two launches", lambda v, s: gpu.qmv_tc(gpu.swiglu_tc(v, s[0], s[1], GS, BITS, norm=norm), *s[2], GS,
+                                                         BITS, resid=resid), x, sets, mlp_bytes)
+    for wg in (16, 8, 4):
+        probe(f"MLP one launch WG {wg}", lambda v, s, wg=wg: gpu.swiglu_down_tc(
+            v, s[0], s[1], s[2], GS, BITS, BITS, GS, resid, {"WG": wg}, norm=norm), x, sets, mlp_bytes)
+    sets = None
+
     out = Path(os.environ.get("OUT", "/tmp")) / "decode_kernels_probe.json"
     out.write_text(json.dumps({"device": bk.device_name(), "context": context, "capacity": capacity,
                                "copy_GB_s": round(bk.copy_bandwidth() / 1e9), "rows": rows}, indent=1))

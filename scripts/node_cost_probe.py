@@ -1,0 +1,104 @@
+"""What a custom-kernel graph node costs MLX's host, by what the node carries.
+
+A decode step of the 8B shape encodes at ~11 us per graph node (session 14-15), while a
+chain of small GEMV nodes inside one mx.compile encoded at ~4 us each (session 3's
+host_overhead.py), and removing 32 nodes per token (session 15's whole-MLP launch) did
+not measurably shorten the host's time. This separates the candidates. Each variant is
+a chain of NODES dependent launches of a trivial kernel (out = x + 1 over 4096 halves)
+inside one compiled call, as a decode step is; per node it reports the Python build
+(the compiled call), the encode (async_eval with nothing queued: MLX's eval of every
+node), and the pipelined wall time (one chain queued while the last runs). Variants:
+- inputs: 1 or 16 inputs (15 small constants the body does not read, as weights,
+  scales and biases are to the launch machinery), with or without each input's shape
+  passed (40 bytes of kernel parameters each: what a body naming `<input>_shape` gets);
+- input bytes: one input of 25 MB (the decode's average weight bytes per node), which
+  MLX counts towards its 1000 MB per CUDA graph, so the chain commits a graph every ~40
+  nodes as the decode does;
+- source size: the 1-input kernel with ~12 KB of comment in its source (MLX hashes the
+  whole source on every launch).
+GPU only. Usage: node_cost_probe.py; writes $OUT/node_cost_probe.json. Not yet run."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx  # noqa: E402
+
+NODES = 160  # about a decode step's custom kernels (162 on the 8B shape)
+TOKENS = 16
+N = 4096
+BODY = "const int i = threadIdx.x + blockIdx.x * blockDim.x;\nif (i < {n}) out[i] = x[i] + static_cast<T>(1);\n"
+
+
+def kernel(name, inputs, shapes=False, padding=0):
+    """A trivial kernel over x with these input names; shapes: the body names every
+    input's shape (so MLX passes it); padding: bytes of comment in the source."""
+    reads = "".join(f"(void){n}_shape;\n" for n in inputs) if shapes else ""
+    source = "// " + "x" * padding + "\n" + reads + BODY.format(n=N) if padding else reads + BODY.format(n=N)
+    return mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"], source=source)
+
+
+def chain(kern, extra):
+    def f(x):
+        for _ in range(NODES):
+            x = kern(inputs=[x, *extra], template=[("T", mx.float16)], grid=(N, 1, 1), threadgroup=(256, 1, 1),
+                     output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        return x
+    return mx.compile(f)
+
+
+def per_node(f, x):
+    """(build, encode, pipelined wall) in us per node."""
+    y = f(x)
+    mx.eval(y)
+    build = encode = 0.0
+    for _ in range(TOKENS):
+        t0 = time.perf_counter()
+        y = f(y)
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        encode += time.perf_counter() - t1
+        build += t1 - t0
+        mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(TOKENS):
+        y = f(y)
+        mx.async_eval(y)
+    mx.eval(y)
+    wall = time.perf_counter() - t0
+    scale = 1e6 / (TOKENS * NODES)
+    return build * scale, encode * scale, wall * scale
+
+
+def main():
+    from jang.bench_kernels import device_name
+
+    x = mx.zeros((N,), mx.float16)
+    small = [mx.zeros((N,), mx.float16) + i for i in range(15)]
+    big = mx.zeros((25 << 20) // 2, mx.float16)  # 25 MB
+    mx.eval(x, small, big)
+    names16 = ["x", *(f"c{i}" for i in range(15))]
+    variants = {
+        "1 input": (kernel("probe_1", ["x"]), []),
+        "1 input, 12 KB source": (kernel("probe_1_big_source", ["x"], padding=12 << 10), []),
+        "16 inputs": (kernel("probe_16", names16), small),
+        "16 inputs with shapes": (kernel("probe_16_shapes", names16, shapes=True), small),
+        "2 inputs, one of 25 MB": (kernel("probe_2_big", ["x", "c0"]), [big]),
+        "16 inputs with shapes, one of 25 MB": (kernel("probe_16_shapes_big", names16, shapes=True), [big, *small[1:]]),
+    }
+    rows = []
+    for name, (kern, extra) in variants.items():
+        build, encode, wall = per_node(chain(kern, extra), x)
+        rows.append({"variant": name, "build_us": build, "encode_us": encode, "pipelined_us": wall})
+        print(f"{name:40s} build {build:6.2f}  encode {encode:6.2f}  pipelined {wall:6.2f} us per node", flush=True)
+    out = Path(os.environ.get("OUT", "/tmp")) / "node_cost_probe.json"
+    out.write_text(json.dumps({"device": device_name(), "mlx": mx.__version__, "nodes": NODES,
+                               "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
+                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
