@@ -271,7 +271,7 @@ def swiglu_tc(x, gate, up, group_size, bits, config=None, *, norm=None):
 # 8B shape (14336 rows), as many warps as swiglu_tc's 896 blocks of 2, and 4096 fp32
 # atomics per block. MINB 1: 512 threads, registers capped at 128.
 MLP_TC = {"WG": 16, "RT": 1, "KS": 1, "MINB": 1}
-MLP_DOWN_BITS = (2, 4, 8)  # down's codes a lane unpacks from one word each
+MLP_DOWN_BITS = (2, 4, 8)  # the widths whose codes never straddle two words
 
 
 def swiglu_down_supported(gate_rows: int, down, down_bits: int, down_group: int) -> bool:
@@ -477,9 +477,9 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
 # thread, by backend and G (query heads per KV head): (largest G, shape), smallest first.
 # jg_red holds ROWS G D = WARPS G 256 floats (4 KB per warp and query head).
 # CUDA: where G <= 4, 8 warps of 4 rows hold the same keys per block (64 at D 128) as 4
-# warps of 8 rows, but each warp's chain of dependent steps is half as long: 10.7 ->
-# 8.5 us per layer at 560 keys (8B shape, H200, scripts/decode_kernels_probe.py, session
-# 15). 32 KB of jg_red, under the 48 KB of static shared memory a CUDA block may have.
+# warps of 8 rows, but each warp's chain of dependent steps is half as long: 12.5 ->
+# 8.5 us per layer at 560 keys, keys cold (10.7 -> 7.9 in the L2; 8B shape, H200,
+# scripts/decode_kernels_probe.py, session 15). 32 KB of jg_red, under the 48 KB of static shared memory a CUDA block may have.
 # Metal: a threadgroup has 32 KB, so at most 16 KB of jg_red (compiled for syntax only).
 # ATTENTION_SWEEP in bench_kernels times other shapes.
 ATTENTION_DECODE = {"cuda": ((4, {"WARPS": 8, "PER": 4}), (8, {"WARPS": 4, "PER": 4})),
