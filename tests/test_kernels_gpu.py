@@ -309,7 +309,8 @@ def test_mlp_residual_routes_the_whole_mlp(monkeypatch):
     monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)
     mx.random.seed(5)
     mlp = nn.Module()
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(512, 1024, False), nn.Linear(512, 1024, False), nn.Linear(1024, 512, False)
+    mlp.gate_proj, mlp.up_proj = nn.Linear(512, 1024, bias=False), nn.Linear(512, 1024, bias=False)
+    mlp.down_proj = nn.Linear(1024, 512, bias=False)
     mlp.norm = nn.RMSNorm(512, eps=1e-5)
     mlp.set_dtype(mx.float16)
     nn.quantize(mlp, group_size=64, bits=4)
@@ -414,9 +415,9 @@ def test_paired_fusions_take_the_tensor_cores_from_their_size():
 def test_compiled_decode_with_fused_kernels(extra, monkeypatch):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
     on (q/k/v and gate/up on the CUDA cores, or on the tensor cores, or the whole MLP in
-    one launch; chained across blocks, or per block) gives the logits of mlx-lm's own modules. Its layers are under
-    the size from which the tensor cores take the paired fusions, so that size is
-    lowered here."""
+    one launch; chained across blocks, or per block) gives the logits of mlx-lm's own
+    modules. Its layers are under the size from which the tensor cores take the paired
+    fusions, so that size is lowered here."""
     monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)
     import mlx.nn as nn
     from mlx_lm.models import llama
