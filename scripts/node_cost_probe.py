@@ -37,7 +37,8 @@ def kernel(name, inputs, shapes=False, padding=0):
     """A trivial kernel over x with these input names; shapes: the body names every
     input's shape (so MLX passes it); padding: bytes of comment in the source."""
     reads = "".join(f"(void){n}_shape;\n" for n in inputs) if shapes else ""
-    source = "// " + "x" * padding + "\n" + reads + BODY.format(n=N) if padding else reads + BODY.format(n=N)
+    comment = "// " + "x" * padding + "\n" if padding else ""
+    source = comment + reads + BODY.format(n=N)
     return mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"], source=source)
 
 

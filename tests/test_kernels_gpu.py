@@ -157,7 +157,7 @@ def test_attention_decode(dtype, D, G):
     buf_v = mx.random.normal((B, Hkv, capacity, D)).astype(dtype)
     other = mx.random.normal((2 * B, Hkv, capacity, D)).astype(dtype)  # block 0's keys and values
     step_kv = mx.concatenate([other, buf_k, buf_v], axis=0)  # block 1's at rows 2 B ..
-    chunk = gpu._decode_chunk(D, G)[1]
+    chunk = gpu._decode_chunk(D, G)[2]
     scale = 1 / math.sqrt(D)
     up = lambda a: a.astype(mx.float32)  # noqa: E731
     for S in (1, 5, chunk - 1, chunk, chunk + 1, 3 * chunk + 7, 1200):

@@ -287,9 +287,9 @@ def _mlp_scratch(n: int):
     """swiglu_down_tc's fp32 sums (n of them) and block count: zeros, and zero again after
     every launch (its last block resets them). Launches share them: each layer's MLP
     waits on the one before (its input is that one's output)."""
-    acc, counter = mx.zeros((max(4, n),), mx.float32), mx.zeros((4,), mx.int32)
-    mx.eval(acc, counter)
-    return acc, counter
+    dsum, counter = mx.zeros((max(4, n),), mx.float32), mx.zeros((4,), mx.int32)
+    mx.eval(dsum, counter)
+    return dsum, counter
 
 
 def swiglu_down_tc(x, gate, up, down, group_size, bits, down_bits, down_group, resid, config=None, *, norm=None):
@@ -303,8 +303,8 @@ def swiglu_down_tc(x, gate, up, down, group_size, bits, down_bits, down_group, r
     kern, template, grid, tg = _qmv_tc_launch(M, (N,), K, bits, group_size, x.dtype, c["RT"], c["KS"], c["MT"],
                                               c["CH"], options + ("JG_SWIGLU",) + defines + ("JG_DOWN",),
                                               min_blocks=c["MINB"], WG=c["WG"], down=(down_bits, down_group))
-    acc, counter = _mlp_scratch(M * resid.shape[-1])
-    return kern(inputs=[x, *gate, *up, *extra, *down, resid, acc, counter], template=template, grid=grid,
+    dsum, counter = _mlp_scratch(M * resid.shape[-1])
+    return kern(inputs=[x, *gate, *up, *extra, *down, resid, dsum, counter], template=template, grid=grid,
                 threadgroup=tg, output_shapes=[resid.shape], output_dtypes=[x.dtype])[0]
 
 
@@ -479,7 +479,8 @@ def norm_rope(x, weight, eps, inv_freq=None, offset=0, traditional=False, warps=
 # CUDA: where G <= 4, 8 warps of 4 rows hold the same keys per block (64 at D 128) as 4
 # warps of 8 rows, but each warp's chain of dependent steps is half as long: 12.5 ->
 # 8.5 us per layer at 560 keys, keys cold (10.7 -> 7.9 in the L2; 8B shape, H200,
-# scripts/decode_kernels_probe.py, session 15). 32 KB of jg_red, under the 48 KB of static shared memory a CUDA block may have.
+# scripts/decode_kernels_probe.py, session 15). 32 KB of jg_red, under the 48 KB of
+# static shared memory a CUDA block may have.
 # Metal: a threadgroup has 32 KB, so at most 16 KB of jg_red (compiled for syntax only).
 # ATTENTION_SWEEP in bench_kernels times other shapes.
 ATTENTION_DECODE = {"cuda": ((4, {"WARPS": 8, "PER": 4}), (8, {"WARPS": 4, "PER": 4})),
@@ -500,14 +501,15 @@ def attention_decode_supported(q, k) -> bool:
     if not (L == 1 and q.dtype in HALF and k.dtype == q.dtype and D % 8 == 0 and 32 % (D // 8) == 0
             and Hq % k.shape[1] == 0 and Hq // k.shape[1] <= ATTENTION_MAX_G):
         return False
-    per, C = _decode_chunk(D, Hq // k.shape[1])
+    _, per, C = _decode_chunk(D, Hq // k.shape[1])
     return -(-k.shape[2] // C) <= (C // per) * D // 2  # C // per: the block's ROWS
 
 
 def _decode_chunk(D, G, warps=None, per=None):
-    """(key rows per thread, keys per block) of attention_split; None: G's default."""
-    warps, per = warps or decode_shape(G)["WARPS"], per or decode_shape(G)["PER"]
-    return per, per * warps * 32 // (D // 8)
+    """(warps, key rows per thread, keys per block) of attention_split; None: G's default."""
+    shape = decode_shape(G)
+    warps, per = warps or shape["WARPS"], per or shape["PER"]
+    return warps, per, per * warps * 32 // (D // 8)
 
 
 ATTENTION_INPUTS = ("q", "k", "v", "pos", "scale", "counter")  # attention_split's, before its defines' own
@@ -543,8 +545,7 @@ def attention_decode(q, k, v, scale, length=None, pos=None, warps=None, per=None
     G = Hq // Hkv
     if pos is None:
         pos = position((S if length is None else length) - 1)
-    warps = warps or decode_shape(G)["WARPS"]
-    per, C = _decode_chunk(D, G, warps, per)
+    warps, per, C = _decode_chunk(D, G, warps, per)
     splits = -(-S // C)
     final = splits == 1
     defines = ("JG_FINAL",) * final + ("JG_STEP_KV",) * (step is not None)
