@@ -16,10 +16,12 @@ node), and the pipelined wall time (one chain queued while the last runs). Varia
   nodes as the decode does;
 - source size: the 1-input kernel with ~12 KB of comment in its source (MLX hashes the
   whole source on every launch).
-GPU only. Usage: node_cost_probe.py; writes $OUT/node_cost_probe.json. Not yet run."""
+GPU only. Usage: node_cost_probe.py; writes $OUT/node_cost_probe.json (medians of
+ROUNDS alternating rounds)."""
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ import mlx.core as mx  # noqa: E402
 
 NODES = 160  # about a decode step's custom kernels (162 on the 8B shape)
 TOKENS = 16
+ROUNDS = 5
 N = 4096
 BODY = "const int i = threadIdx.x + blockIdx.x * blockDim.x;\nif (i < {n}) out[i] = x[i] + static_cast<T>(1);\n"
 
@@ -90,11 +93,22 @@ def main():
         "2 inputs, one of 25 MB": (kernel("probe_2_big", ["x", "c0"]), [big]),
         "16 inputs with shapes, one of 25 MB": (kernel("probe_16_shapes_big", names16, shapes=True), [big, *small[1:]]),
     }
+    # Rounds alternate the variants, so a drift in the host's speed within the process
+    # (seen in sessions 12-15) shows as spread across rounds rather than as a variant's cost.
+    chains = {name: chain(kern, extra) for name, (kern, extra) in variants.items()}
+    times = {name: [] for name in variants}
+    for r in range(ROUNDS):
+        for name, f in chains.items():
+            times[name].append(per_node(f, x))
+            build, encode, wall = times[name][-1]
+            print(f"round {r} {name:40s} build {build:6.2f}  encode {encode:6.2f}  pipelined {wall:6.2f} us per node",
+                  flush=True)
     rows = []
-    for name, (kern, extra) in variants.items():
-        build, encode, wall = per_node(chain(kern, extra), x)
-        rows.append({"variant": name, "build_us": build, "encode_us": encode, "pipelined_us": wall})
-        print(f"{name:40s} build {build:6.2f}  encode {encode:6.2f}  pipelined {wall:6.2f} us per node", flush=True)
+    for name, runs in times.items():
+        build, encode, wall = (statistics.median(column) for column in zip(*runs))
+        rows.append({"variant": name, "build_us": build, "encode_us": encode, "pipelined_us": wall,
+                     "rounds": [list(run) for run in runs]})
+        print(f"median {name:40s} build {build:6.2f}  encode {encode:6.2f}  pipelined {wall:6.2f} us per node")
     out = Path(os.environ.get("OUT", "/tmp")) / "node_cost_probe.json"
     out.write_text(json.dumps({"device": device_name(), "mlx": mx.__version__, "nodes": NODES,
                                "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},

@@ -109,7 +109,9 @@ def source(name, launch_bounds=()):
     if "JG_DOWN" in defines:
         template += " constexpr int DBITS = 4; constexpr int DGS = 64;"
     inputs = inputs + extra_in
-    head, body = dialect.source(body_name, "cuda", defines, launch_bounds)  # exactly the text MLX is handed
+    head, body = dialect.source(body_name, "cuda", defines, launch_bounds)
+    if os.environ.get("JANG_CUDA_SOURCE") != "inline":  # exactly the text MLX is handed (dialect.kernel)
+        head, body = dialect.cuda_include_form(f"check_{name}", head, body, [n for n, _ in inputs])
     args = []
     for n, t in inputs:
         args.append(f"const {t}* {n}")

@@ -12,7 +12,8 @@ takes "kv_step=N" in a config): MLX's CUDA SDPA decodes through cuDNN only over 
 buffers of a multiple of 256 positions, and through its own vector kernel otherwise, so
 KV_STEP=320 profiles the other attention path. PROFILE_MLX_LM=0 leaves out mlx-lm's row (to
 compare MLX settings read once per process, such as MLX_USE_CUDA_GRAPHS or
-MLX_MAX_OPS_PER_BUFFER / MLX_MAX_MB_PER_BUFFER, one process each)."""
+MLX_MAX_OPS_PER_BUFFER / MLX_MAX_MB_PER_BUFFER, or JANG_CUDA_SOURCE, one process each; the
+output's mlx_env records the MLX_ and JANG_ settings)."""
 
 import json
 import sys
@@ -138,7 +139,7 @@ def main():
         step = KVCache.step
         rows = profile_configs(name, configs)
     if out:
-        mlx_env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
+        mlx_env = {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "JANG_"))}
         Path(out).write_text(json.dumps({"device": bk.device_name(), "model": name, "kv_step": step,
                                          "mlx_env": mlx_env, "rows": rows}, indent=1))
 

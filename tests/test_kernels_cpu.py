@@ -191,3 +191,23 @@ def test_launch_bounds_are_cuda_header_lines():
     assert "__launch_bounds__" not in plain_head and body == plain_body
     with pytest.raises(ValueError, match="CUDA"):
         dialect.source("qmv", "metal", (), (128, 2))
+
+
+def test_cuda_kernels_are_handed_to_mlx_as_includes(tmp_path, monkeypatch):
+    """MLX hashes the text it is handed on every launch, so a CUDA kernel's header and
+    body go to files named by their content, and MLX gets two #include lines plus the
+    names of the shape parameters the body reads (MLX passes only those it finds)."""
+    monkeypatch.setenv("JANG_CACHE", str(tmp_path))
+    head, body = dialect.source("qmv_tc", "cuda", ("JG_NORM",))
+    inc_head, inc_body = dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x", "w", "scales", "biases"))
+    included = [Path(re.fullmatch(r'#include "(.+)"', line).group(1))
+                for line in (inc_head + inc_body).splitlines() if line.startswith("#include")]
+    assert [p.read_text() for p in included] == [head + "\n", body + "\n"]
+    assert all(p.is_absolute() and p.parent == tmp_path / "cuda-sources" for p in included)
+    shape_names = {f"{n}{s}" for n in ("x", "w", "scales", "biases") for s in ("_shape", "_strides", "_ndim")}
+    assert {n for n in shape_names if n in body} == {n for n in shape_names if n in inc_body} != set()
+    assert len(inc_head) + len(inc_body) < 400 < len(head) + len(body)
+    # the same text gives the same files; another body, other names
+    assert dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x",))[0] == inc_head
+    other = dialect.cuda_include_form("jang_qmv_tc_norm", head, body + "\n// changed", ("x",))
+    assert other[0] != inc_head and len(list((tmp_path / "cuda-sources").iterdir())) == 4

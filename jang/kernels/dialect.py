@@ -11,6 +11,8 @@ MLX's Metal generator adds ``[[thread_index_in_simdgroup]]``-style arguments
 only for the names it finds in the body's text.
 """
 
+import hashlib
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -311,6 +313,43 @@ def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = 
     return "\n".join(pre + kept) + "\n" + _launch_bounds_text(launch_bounds), body_text
 
 
+# MLX passes an input's shape / strides / ndim to a CUDA kernel only when it finds
+# "<input>_shape" (...) in the source it is handed
+_SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
+
+
+def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tuple:
+    """(header, source) for mx.fast.cuda_kernel that #include head and body_text from
+    two files instead of carrying them. MLX hashes a custom kernel's whole source
+    string on every launch: at ~0.2 us per KB (H200, session 16's node_cost_probe) a
+    decode step's ~50 KB of kernel text per layer cost ~0.3 ms of host time per token.
+    The files are named by the hash of their content, so MLX's compile cache (keyed by
+    the hash of the text it is handed) can never pair a new body with old PTX. NVRTC
+    opens an absolute #include path itself. The source keeps a comment naming the
+    shape parameters the body reads, for MLX's search (_SHAPE_PARAMETERS)."""
+    from jang.paths import cache_dir
+
+    digest = hashlib.sha256(f"{head}\0{body_text}".encode()).hexdigest()[:20]
+    folder = cache_dir("cuda-sources")
+    if '"' in str(folder) or "\n" in str(folder):
+        raise ValueError(f"kernel source folder {folder} has a quote or newline in its path; set JANG_CACHE")
+    paths = []
+    for part, text in (("header", head), ("body", body_text)):
+        path = folder / f"{full_name}-{digest}.{part}.cuh"
+        if not path.exists():  # written whole, then renamed: another process never sees half a file
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
+        paths.append(path)
+    used = [n + suffix for n in inputs for suffix in _SHAPE_PARAMETERS if n + suffix in body_text]
+    uses = f"// reads {' '.join(used)}\n" if used else ""
+    return f'#include "{paths[0]}"\n', f'{uses}#include "{paths[1]}"\n'
+
+
+# JANG_CUDA_SOURCE=inline hands MLX the whole text, as before session 16 (for timing)
+_INLINE_CUDA_SOURCE = os.environ.get("JANG_CUDA_SOURCE", "") == "inline"
+
+
 @lru_cache(maxsize=None)
 def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = (),
            shared_memory: int = 0, launch_bounds: tuple = ()):
@@ -329,5 +368,7 @@ def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: b
         full_name, extra = f"{full_name}_smem{shared_memory}", {"shared_memory": shared_memory}
     if launch_bounds:
         full_name = f"{full_name}_lb{launch_bounds[0]}x{launch_bounds[1]}"
+    if dialect == "cuda" and not _INLINE_CUDA_SOURCE:
+        head, src = cuda_include_form(full_name, head, src, inputs)
     return make(name=full_name, input_names=list(inputs), output_names=list(outputs),
                 source=src, header=head, ensure_row_contiguous=contiguous, **extra)
