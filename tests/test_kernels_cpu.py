@@ -211,3 +211,14 @@ def test_cuda_kernels_are_handed_to_mlx_as_includes(tmp_path, monkeypatch):
     assert dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x",))[0] == inc_head
     other = dialect.cuda_include_form("jang_qmv_tc_norm", head, body + "\n// changed", ("x",))
     assert other[0] != inc_head and len(list((tmp_path / "cuda-sources").iterdir())) == 4
+
+
+def test_kernel_sources_stay_inline_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A cache folder that cannot be made costs host time, not the kernel: the text goes
+    to MLX whole, with a warning that says why."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("JANG_CACHE", str(blocker))
+    head, body = dialect.source("qmv", "cuda")
+    with pytest.warns(UserWarning, match="cannot write kernel sources"):
+        assert dialect.cuda_include_form("jang_qmv", head, body, ("x",)) == (head, body)

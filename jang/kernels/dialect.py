@@ -14,6 +14,8 @@ only for the names it finds in the body's text.
 import hashlib
 import os
 import re
+import threading
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -215,9 +217,11 @@ def header(dialect: str) -> str:
 
 
 def minify(text: str) -> str:
-    """text without comments, indentation or blank lines. MLX rebuilds and hashes a
-    kernel's whole source string on every launch (mx.fast.cuda_kernel), so at decode
-    every byte of it is host time; preprocessor lines keep their own line."""
+    """text without comments, indentation or blank lines; preprocessor lines keep their
+    own line. MLX rebuilds and hashes a CUDA kernel's whole source string on every
+    launch, so every byte handed to it is host time at decode: CUDA kernels now go to
+    MLX as #include lines (cuda_include_form), and the text stays lean for Metal's
+    sources and for JANG_CUDA_SOURCE=inline."""
     text = re.sub(r"//[^\n]*", "", text)
     return "\n".join(line.strip() for line in text.split("\n") if line.strip())
 
@@ -326,21 +330,27 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
     The files are named by the hash of their content, so MLX's compile cache (keyed by
     the hash of the text it is handed) can never pair a new body with old PTX. NVRTC
     opens an absolute #include path itself. The source keeps a comment naming the
-    shape parameters the body reads, for MLX's search (_SHAPE_PARAMETERS)."""
+    shape parameters the body reads, for MLX's search (_SHAPE_PARAMETERS). Where the
+    folder cannot be written, (head, body_text) come back as they are, with a warning."""
     from jang.paths import cache_dir
 
     digest = hashlib.sha256(f"{head}\0{body_text}".encode()).hexdigest()[:20]
-    folder = cache_dir("cuda-sources")
-    if '"' in str(folder) or "\n" in str(folder):
-        raise ValueError(f"kernel source folder {folder} has a quote or newline in its path; set JANG_CACHE")
-    paths = []
-    for part, text in (("header", head), ("body", body_text)):
-        path = folder / f"{full_name}-{digest}.{part}.cuh"
-        if not path.exists():  # written whole, then renamed: another process never sees half a file
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(text + "\n")
-            os.replace(tmp, path)
-        paths.append(path)
+    try:
+        folder = cache_dir("cuda-sources")
+        if '"' in str(folder) or "\n" in str(folder):
+            raise OSError(f"{folder} has a quote or newline in its path, which an #include cannot name")
+        paths = []
+        for part, text in (("header", head), ("body", body_text)):
+            path = folder / f"{full_name}-{digest}.{part}.cuh"
+            if not path.exists():  # written whole, then renamed: no process sees half a file
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+                tmp.write_text(text + "\n")
+                os.replace(tmp, path)
+            paths.append(path)
+    except OSError as e:  # a read-only home: the kernels still run, with MLX hashing their whole text
+        warnings.warn(f"JANG cannot write kernel sources under $JANG_CACHE or ~/.cache/jang ({e}); "
+                      "handing MLX the whole text instead (slower decode)", stacklevel=2)
+        return head, body_text
     used = [n + suffix for n in inputs for suffix in _SHAPE_PARAMETERS if n + suffix in body_text]
     uses = f"// reads {' '.join(used)}\n" if used else ""
     return f'#include "{paths[0]}"\n', f'{uses}#include "{paths[1]}"\n'
