@@ -411,7 +411,7 @@ class _DecodeChain:
             h = layer._jang_post(h, kernels.buffer_attention(q, kv, 2 * B * i, pair, layer.self_attn.scale, pos))
             if i + 1 < len(layers):
                 q, pair = layers[i + 1]._jang_pre(h, pos, kv_pair=True)
-        return self.norm(h), mx.put_along_axis(kv, at, mx.concatenate(pairs, axis=0), axis=2)
+        return self.norm(h), mx.put_along_axis(kv, at, kernels.concatenate(pairs), axis=2)
 
     def _jang_run_step(self, step, inputs, cache):
         pos = kernels.gpu.position(cache[0].offset)

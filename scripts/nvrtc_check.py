@@ -45,6 +45,7 @@ CCCL = ROOT / "include" / "cccl"
 
 # kernel -> (inputs with (type, ndim), template)
 KERNELS = {
+    "concat": ([("p0", "__half"), ("p1", "__half"), ("p2", "__half")], "using T = __half; constexpr int ROW = 2048;"),
     "qmv": ([("x", "__half"), ("w", "uint32_t"), ("scales", "__half"), ("biases", "__half")],
             "using T = __half; constexpr int BITS = 3; constexpr int GS = 64; constexpr int R = 2; "
             "constexpr int MT = 2; constexpr int U = 2; constexpr int WARPS = 4;"),
@@ -109,7 +110,7 @@ def source(name, launch_bounds=()):
     if "JG_DOWN" in defines:
         template += " constexpr int DBITS = 4; constexpr int DGS = 64;"
     inputs = inputs + extra_in
-    head, body = dialect.source(body_name, "cuda", defines, launch_bounds)
+    head, body = dialect.source(body_name, "cuda", defines, launch_bounds, metal_export.MACROS.get(body_name, ()))
     if os.environ.get("JANG_CUDA_SOURCE") != "inline":  # exactly the text MLX is handed (dialect.kernel)
         head, body = dialect.cuda_include_form(f"check_{name}", head, body, [n for n, _ in inputs])
     args = []

@@ -222,3 +222,19 @@ def test_kernel_sources_stay_inline_where_the_cache_cannot_be_written(tmp_path, 
     head, body = dialect.source("qmv", "cuda")
     with pytest.warns(UserWarning, match="cannot write kernel sources"):
         assert dialect.cuda_include_form("jang_qmv", head, body, ("x",)) == (head, body)
+
+
+def test_concatenate_takes_one_launch_only_where_it_can():
+    """kernels.concatenate is mx.concatenate's result everywhere; the one-launch kernel
+    takes only arrays of one shape and dtype, at most CONCAT_MAX_INPUTS of them, and its
+    input list reaches the body as a macro (each list its own kernel name)."""
+    arrays = [mx.full((2, 3), float(i), mx.float16) for i in range(4)]
+    assert mx.array_equal(kernels.concatenate(arrays), mx.concatenate(arrays, axis=0)).item()
+    assert kernels.gpu.concatenate_supported(arrays)
+    assert not kernels.gpu.concatenate_supported(arrays[:1])
+    assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((1, 3), mx.float16)])
+    assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((2, 3), mx.float32)])
+    assert not kernels.gpu.concatenate_supported(arrays * (kernels.gpu.CONCAT_MAX_INPUTS // 4 + 1))
+    macros = (("JG_INPUTS", "JG_EACH(0, p0) JG_EACH(1, p1)"),)
+    _, body = dialect.source("concat", "cuda", macros=macros)
+    assert body.startswith("#define JG_INPUTS JG_EACH(0, p0) JG_EACH(1, p1)\n") and "JG_EACH(i, p)" in body

@@ -141,6 +141,24 @@ DECODE_ATTENTION = [(mx.float16, 128, 4), (mx.float16, 64, 3), (mx.float16, 256,
                     (mx.float16, 128, 1), (mx.bfloat16, 128, 4)]
 
 
+# (inputs, shape of each, dtype): the 8B step's 32 KV pairs, SmolLM2's 30, and odd sizes
+CONCATS = ((32, (2, 8, 1, 128), mx.float16), (30, (2, 3, 1, 64), mx.bfloat16), (2, (3, 5), mx.float32),
+           (64, (1, 300), mx.float16))
+
+
+@pytest.mark.parametrize("n,shape,dtype", CONCATS, ids=[f"{n}x{'x'.join(map(str, s))}" for n, s, _ in CONCATS])
+def test_concatenate(n, shape, dtype):
+    """The step's pairs in one launch: exactly mx.concatenate's array (a copy, no
+    arithmetic), the same launch twice in a row with fresh inputs."""
+    for seed in (0, 1):
+        mx.random.seed(seed)
+        arrays = [mx.random.normal(shape).astype(dtype) for _ in range(n)]
+        assert gpu.concatenate_supported(arrays)
+        out = gpu.concatenate(arrays)
+        assert out.shape == (n * shape[0], *shape[1:]) and out.dtype == dtype
+        assert mx.array_equal(out, mx.concatenate(arrays, axis=0)).item()
+
+
 @pytest.mark.parametrize("dtype,D,G", DECODE_ATTENTION,
                          ids=[f"{'fp16' if d == mx.float16 else 'bf16'}-D{D}-G{G}" for d, D, G in DECODE_ATTENTION])
 def test_attention_decode(dtype, D, G):

@@ -74,6 +74,10 @@ ROUTES = {
         # slower on the GPU so far (47 vs 39 us per layer of the 8B shape, H200, session
         # 15; docs/kernels.md), and no host time saved measured: opt-in
         "fused_mlp": False,
+        # the whole step's per-layer KV pairs in one launch (kernels.concatenate), where
+        # mx.concatenate launches a copy per input: 32 kernels and graph nodes per token
+        # of the 8B shape
+        "concat": True,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
@@ -355,6 +359,14 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
     if mask is not None or not route(op) or not gpu.attention_decode_supported(q, k):
         return None
     return gpu.attention_decode(q, k, v, scale, length)
+
+
+def concatenate(arrays):
+    """mx.concatenate(arrays, axis=0): one launch where routed ("concat") and the arrays
+    share a shape and dtype (gpu.concatenate_supported)."""
+    if backend() in ("cuda", "metal") and route("concat") and gpu.concatenate_supported(arrays):
+        return gpu.concatenate(arrays)
+    return mx.concatenate(arrays, axis=0)
 
 
 def buffer_attention(q, kv, row, kv_new, scale, pos):

@@ -298,15 +298,18 @@ def _launch_bounds_text(launch_bounds: tuple) -> str:
 
 
 @lru_cache(maxsize=None)
-def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = ()) -> tuple:
+def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = (), macros: tuple = ()) -> tuple:
     """(header, body) of kernel ``name`` as it is built: minified, and the header cut
     to the helpers the body uses (directly or through other helpers). ``defines``
     are macros set at the top of the body: a body's optional fusions (JG_NORM ...).
-    launch_bounds: (threads, min_blocks) for CUDA (see _launch_bounds_text)."""
+    launch_bounds: (threads, min_blocks) for CUDA (see _launch_bounds_text). macros:
+    (name, text) pairs defined at the top of the body too, for text only the launch
+    knows (concat.body's list of inputs)."""
     if launch_bounds and dialect != "cuda":
         raise ValueError(f"launch bounds are CUDA's; kernel {name} asked for them in {dialect}")
-    body_text = "".join(f"#define {d} 1\n" for d in defines) + resolve_conditionals(
-        minify(translate(body(name), dialect)), defines)
+    body_text = "".join(f"#define {d} 1\n" for d in defines) + "".join(
+        f"#define {m} {text}\n" for m, text in macros) + resolve_conditionals(
+        minify(translate(body(name), dialect)), defines + tuple(m for m, _ in macros))
     pre, rest = _split_preprocessor(minify(header(dialect)))
     items = _items(rest)
     wanted, frontier = set(), set(_HELPER.findall(body_text))
@@ -362,15 +365,16 @@ _INLINE_CUDA_SOURCE = os.environ.get("JANG_CUDA_SOURCE", "") == "inline"
 
 @lru_cache(maxsize=None)
 def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = (),
-           shared_memory: int = 0, launch_bounds: tuple = ()):
+           shared_memory: int = 0, launch_bounds: tuple = (), macros: tuple = ()):
     """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once). Each
     set of defines gets its own kernel name: MLX caches compiled kernels by name.
     shared_memory: bytes of dynamic shared memory (CUDA only). It is part of the name
     too, since MLX raises a kernel's limit past 48 KB once, when it first loads it.
-    launch_bounds: (threads, min_blocks), CUDA only; part of the name as well."""
+    launch_bounds: (threads, min_blocks), CUDA only; part of the name as well.
+    macros: (name, text) pairs (see source); the name gets the hash of their text."""
     import mlx.core as mx
 
-    head, src = source(name, dialect, defines, launch_bounds)
+    head, src = source(name, dialect, defines, launch_bounds, macros)
     make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
     full_name = "_".join([f"jang_{name}", *(d.lower().removeprefix("jg_") for d in defines)])
     extra = {}
@@ -378,6 +382,8 @@ def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: b
         full_name, extra = f"{full_name}_smem{shared_memory}", {"shared_memory": shared_memory}
     if launch_bounds:
         full_name = f"{full_name}_lb{launch_bounds[0]}x{launch_bounds[1]}"
+    if macros:
+        full_name = f"{full_name}_{hashlib.sha256(repr(macros).encode()).hexdigest()[:8]}"
     if dialect == "cuda" and not _INLINE_CUDA_SOURCE:
         head, src = cuda_include_form(full_name, head, src, inputs)
     return make(name=full_name, input_names=list(inputs), output_names=list(outputs),

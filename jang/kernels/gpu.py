@@ -572,3 +572,27 @@ def attention(q, k, v, scale, window=0, warps=4):
                 grid=(Hq * warps * 32, L, B), threadgroup=(warps * 32, 1, 1),
                 output_shapes=[(B, Hq, L, D)], output_dtypes=[q.dtype])
     return y
+
+
+# mx.concatenate's inputs in one launch: at most this many (the body picks its input
+# by comparing the block's index with each; past a few dozen, MLX's per-input cost and
+# that chain outgrow the copies they replace)
+CONCAT_MAX_INPUTS = 64
+
+
+def concatenate_supported(arrays) -> bool:
+    first = arrays[0]
+    return (1 < len(arrays) <= CONCAT_MAX_INPUTS and first.ndim > 0 and len(arrays) * first.size < 2**31
+            and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays))
+
+
+def concatenate(arrays):
+    """mx.concatenate(arrays, axis=0) of arrays of one shape and dtype, in one launch
+    (concat.body; see concatenate_supported)."""
+    first, n = arrays[0], len(arrays)
+    names = tuple(f"p{i}" for i in range(n))
+    kern = dialect.kernel("concat", names, ("out",), _dialect(),
+                          macros=(("JG_INPUTS", " ".join(f"JG_EACH({i}, {p})" for i, p in enumerate(names))),))
+    return kern(inputs=list(arrays), template=[("T", first.dtype), ("ROW", first.size)],
+                grid=(-(-first.size // 256) * 256, n, 1), threadgroup=(256, 1, 1),
+                output_shapes=[(n * first.shape[0], *first.shape[1:])], output_dtypes=[first.dtype])[0]

@@ -32,7 +32,11 @@ CONFIGS = {
                          ("counter", "int")], "half",
                         "typedef half T; constexpr int D = 128; constexpr int G = 4; constexpr int PER = 8; "
                         "constexpr int WARPS = 4;"),
+    "concat": ([("p0", "half"), ("p1", "half"), ("p2", "half")], "half", "typedef half T; constexpr int ROW = 2048;"),
 }
+
+# text a launch sets (dialect.source's macros), as the representative configuration has it
+MACROS = {"concat": (("JG_INPUTS", "JG_EACH(0, p0) JG_EACH(1, p1) JG_EACH(2, p2)"),)}
 
 # the fused decode variants: name -> (body, defines, extra inputs, extra outputs)
 VARIANTS = {
@@ -77,7 +81,7 @@ def metal_source(name: str) -> str:
     if "JG_ROPE" in defines:
         template += " constexpr int D = 128; constexpr bool TRADITIONAL = true;"
     inputs = inputs + extra_in
-    head, body = dialect.source(body_name, "metal", defines)  # exactly the text MLX is handed
+    head, body = dialect.source(body_name, "metal", defines, macros=MACROS.get(body_name, ()))  # the text MLX gets
     args, slot = [], 0
     for n, t in inputs:
         args.append(f"const device {t}* {n} [[buffer({slot})]]")
