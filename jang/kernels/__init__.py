@@ -75,9 +75,11 @@ ROUTES = {
         # 15; docs/kernels.md), and no host time saved measured: opt-in
         "fused_mlp": False,
         # the whole step's per-layer KV pairs in one launch (kernels.concatenate), where
-        # mx.concatenate launches a copy per input: 32 kernels and graph nodes per token
-        # of the 8B shape
-        "concat": True,
+        # mx.concatenate launches a copy per input: 197 -> 166 kernels per token of the 8B
+        # shape, GPU 2.16 -> 2.13 ms, but the host's time in one profile each was no
+        # shorter (H200, session 16; docs/kernels.md): opt-in until an alternating run
+        # shows it
+        "concat": False,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
