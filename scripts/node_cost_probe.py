@@ -5,7 +5,7 @@ chain of small GEMV nodes inside one mx.compile encoded at ~4 us each (session 3
 host_overhead.py), and removing 32 nodes per token (session 15's whole-MLP launch) did
 not measurably shorten the host's time. This separates the candidates. Each variant is
 a chain of NODES dependent launches of a trivial kernel (out = x + 1 over 4096 halves)
-inside one compiled call, as a decode step is; per node it reports the Python build
+inside one compiled call, as a decode step is (x: (1, 4096) halves); per node it reports the Python build
 (the compiled call), the encode (async_eval with nothing queued: MLX's eval of every
 node), and the pipelined wall time (one chain queued while the last runs). Variants:
 - inputs: 1 or 16 inputs (15 small constants the body does not read, as weights,
@@ -15,7 +15,11 @@ node), and the pipelined wall time (one chain queued while the last runs). Varia
   MLX counts towards its 1000 MB per CUDA graph, so the chain commits a graph every ~40
   nodes as the decode does;
 - source size: the 1-input kernel with ~12 KB of comment in its source (MLX hashes the
-  whole source on every launch).
+  whole source on every launch);
+- what else a decode node has (session 16: ~10 us per kernel in the decode against ~5 for
+  the 16-input node): 5 kernels launched in turn, 8 KB of dynamic shared memory, a
+  grid of 528 blocks of 512 threads, all of them with 16 inputs, and JANG's own o_proj
+  kernel.
 GPU only. Usage: node_cost_probe.py; writes $OUT/node_cost_probe.json (medians of
 ROUNDS alternating rounds)."""
 
@@ -36,20 +40,31 @@ N = 4096
 BODY = "const int i = threadIdx.x + blockIdx.x * blockDim.x;\nif (i < {n}) out[i] = x[i] + static_cast<T>(1);\n"
 
 
-def kernel(name, inputs, shapes=False, padding=0):
+def kernel(name, inputs, shapes=False, padding=0, shared_memory=0):
     """A trivial kernel over x with these input names; shapes: the body names every
-    input's shape (so MLX passes it); padding: bytes of comment in the source."""
+    input's shape (so MLX passes it); padding: bytes of comment in the source;
+    shared_memory: bytes of dynamic shared memory per block."""
     reads = "".join(f"(void){n}_shape;\n" for n in inputs) if shapes else ""
     comment = "// " + "x" * padding + "\n" if padding else ""
     source = comment + reads + BODY.format(n=N)
-    return mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"], source=source)
+    extra = {"shared_memory": shared_memory} if shared_memory else {}
+    return mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=["out"], source=source, **extra)
 
 
-def chain(kern, extra):
+def launches(kernels, extra, threads=N, block=256):
+    """A node function: node i launches kernels[i % len(kernels)] over x and extra,
+    with threads threads in blocks of block (threads past N do nothing)."""
+    def node(x, i):
+        return kernels[i % len(kernels)](inputs=[x, *extra], template=[("T", mx.float16)], grid=(threads, 1, 1),
+                                         threadgroup=(block, 1, 1), output_shapes=[x.shape],
+                                         output_dtypes=[x.dtype])[0]
+    return node
+
+
+def chain(node):
     def f(x):
-        for _ in range(NODES):
-            x = kern(inputs=[x, *extra], template=[("T", mx.float16)], grid=(N, 1, 1), threadgroup=(256, 1, 1),
-                     output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+        for i in range(NODES):
+            x = node(x, i)
         return x
     return mx.compile(f)
 
@@ -77,25 +92,47 @@ def per_node(f, x):
     return build * scale, encode * scale, wall * scale
 
 
+def jang_o_proj():
+    """A node of JANG's own: the decode's o_proj + residual (4096 x 4096, 4 bits, group
+    64, tensor cores), as its kernel reaches MLX (an #include form unless
+    JANG_CUDA_SOURCE=inline). Its GPU time (~6 us) is above the host's per node, so only
+    its build and encode columns say what the host pays."""
+    from jang.kernels import gpu
+
+    w, scales, biases = mx.quantize(mx.random.normal((N, N)).astype(mx.float16), group_size=64, bits=4)
+    resid = mx.random.normal((1, N)).astype(mx.float16)
+    mx.eval(w, scales, biases, resid)
+    return lambda x, i: gpu.qmv_tc(x, w, scales, biases, 64, 4, resid=resid)
+
+
 def main():
     from jang.bench_kernels import device_name
 
-    x = mx.zeros((N,), mx.float16)
+    x = mx.zeros((1, N), mx.float16)  # one token's hidden state, as the o_proj node takes it
     small = [mx.zeros((N,), mx.float16) + i for i in range(15)]
     big = mx.zeros((25 << 20) // 2, mx.float16)  # 25 MB
     mx.eval(x, small, big)
     names16 = ["x", *(f"c{i}" for i in range(15))]
+    decode_like = [kernel(f"probe_decode_like_{k}", names16, shapes=True, shared_memory=8192) for k in range(5)]
     variants = {
-        "1 input": (kernel("probe_1", ["x"]), []),
-        "1 input, 12 KB source": (kernel("probe_1_big_source", ["x"], padding=12 << 10), []),
-        "16 inputs": (kernel("probe_16", names16), small),
-        "16 inputs with shapes": (kernel("probe_16_shapes", names16, shapes=True), small),
-        "2 inputs, one of 25 MB": (kernel("probe_2_big", ["x", "c0"]), [big]),
-        "16 inputs with shapes, one of 25 MB": (kernel("probe_16_shapes_big", names16, shapes=True), [big, *small[1:]]),
+        "1 input": launches([kernel("probe_1", ["x"])], []),
+        "1 input, 12 KB source": launches([kernel("probe_1_big_source", ["x"], padding=12 << 10)], []),
+        "16 inputs": launches([kernel("probe_16", names16)], small),
+        "16 inputs with shapes": launches([kernel("probe_16_shapes", names16, shapes=True)], small),
+        "2 inputs, one of 25 MB": launches([kernel("probe_2_big", ["x", "c0"])], [big]),
+        "16 inputs with shapes, one of 25 MB": launches([kernel("probe_16_shapes_big", names16, shapes=True)],
+                                                        [big, *small[1:]]),
+        # what else a decode node has: 5 kernels in turn (a block's 5 modules), 8 KB of
+        # dynamic shared memory, 528 blocks of 512 threads (the tensor-core kernels' launch)
+        "5 kernels in turn": launches([kernel(f"probe_turn_{k}", ["x"]) for k in range(5)], []),
+        "1 input, 8 KB shared memory": launches([kernel("probe_smem", ["x"], shared_memory=8192)], []),
+        "1 input, 528 blocks of 512": launches([kernel("probe_grid", ["x"])], [], threads=528 * 512, block=512),
+        "all of the above but the source": launches(decode_like, [big, *small[1:]], threads=528 * 512, block=512),
+        "JANG's o_proj + residual": jang_o_proj(),
     }
     # Rounds alternate the variants, so a drift in the host's speed within the process
     # (seen in sessions 12-15) shows as spread across rounds rather than as a variant's cost.
-    chains = {name: chain(kern, extra) for name, (kern, extra) in variants.items()}
+    chains = {name: chain(node) for name, node in variants.items()}
     times = {name: [] for name in variants}
     for r in range(ROUNDS):
         for name, f in chains.items():
