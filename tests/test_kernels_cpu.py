@@ -206,7 +206,7 @@ def test_cuda_kernels_are_handed_to_mlx_as_includes(tmp_path, monkeypatch):
     assert all(p.is_absolute() and p.parent == tmp_path / "cuda-sources" for p in included)
     shape_names = {f"{n}{s}" for n in ("x", "w", "scales", "biases") for s in ("_shape", "_strides", "_ndim")}
     assert {n for n in shape_names if n in body} == {n for n in shape_names if n in inc_body} != set()
-    assert len(inc_head) + len(inc_body) < 400 < len(head) + len(body)
+    assert len(inc_head) + len(inc_body) < (len(head) + len(body)) / 10
     # the same text gives the same files; another body, other names
     assert dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x",))[0] == inc_head
     other = dialect.cuda_include_form("jang_qmv_tc_norm", head, body + "\n// changed", ("x",))
@@ -231,7 +231,7 @@ def test_concatenate_takes_one_launch_only_where_it_can():
     arrays = [mx.full((2, 3), float(i), mx.float16) for i in range(4)]
     assert mx.array_equal(kernels.concatenate(arrays), mx.concatenate(arrays, axis=0)).item()
     assert kernels.gpu.concatenate_supported(arrays)
-    assert not kernels.gpu.concatenate_supported(arrays[:1])
+    assert not kernels.gpu.concatenate_supported(arrays[:1]) and not kernels.gpu.concatenate_supported([])
     assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((1, 3), mx.float16)])
     assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((2, 3), mx.float32)])
     assert not kernels.gpu.concatenate_supported(arrays * (kernels.gpu.CONCAT_MAX_INPUTS // 4 + 1))

@@ -581,8 +581,10 @@ CONCAT_MAX_INPUTS = 64
 
 
 def concatenate_supported(arrays) -> bool:
+    if not 1 < len(arrays) <= CONCAT_MAX_INPUTS:
+        return False
     first = arrays[0]
-    return (1 < len(arrays) <= CONCAT_MAX_INPUTS and first.ndim > 0 and len(arrays) * first.size < 2**31
+    return (first.ndim > 0 and len(arrays) * first.size < 2**31
             and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays))
 
 
