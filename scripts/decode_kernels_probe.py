@@ -79,9 +79,13 @@ def main():
     mx.eval(buf, kv_new, q)
     att_bytes = 2 * HKV * context * D * 2
     # launch shapes: the default (gpu.decode_shape: 8 warps, 4 key rows per thread), the
-    # default before session 15 (the same 64 keys per block over 4 warps), and twice the blocks
+    # default before session 15 (the same 64 keys per block over 4 warps), and twice the
+    # blocks: at 560 keys the default's 9 splits x 8 KV heads are 72 blocks for 132 SMs,
+    # so 8 warps of 2 or 1 rows (144 or 280 blocks; 56 and 40 registers against 72,
+    # NVRTC 13.0) may fill the GPU better (session 16: not yet run)
     for label, warps, per in (("attention step default", None, None), ("attention step WARPS 4 PER 8", 4, 8),
-                              ("attention step WARPS 4 PER 4", 4, 4)):
+                              ("attention step WARPS 4 PER 4", 4, 4), ("attention step WARPS 8 PER 2", 8, 2),
+                              ("attention step WARPS 8 PER 1", 8, 1)):
         ops = [mx.compile(lambda v, row=row, warps=warps, per=per: gpu.attention_decode(
             v, buf, None, 1 / math.sqrt(D), pos=pos, warps=warps, per=per, step=(kv_new, row)))
             for row in range(0, 64, 2)]
@@ -117,7 +121,7 @@ def main():
 
     # the whole MLP (norm, gate/up, SwiGLU, down, residual): two launches (the default;
     # compare "total", both kernels) and one (swiglu_down_tc, route fused_mlp) at three
-    # block sizes: 128, 64 and 32 rows of silu(gate) * up per block (session 15: not yet run)
+    # block sizes: 128, 64 and 32 rows of silu(gate) * up per block
     sets, mlp_bytes = matrices([(I, H), (I, H), (H, I)])
     probe("MLP two launches", lambda v, s: gpu.qmv_tc(gpu.swiglu_tc(v, s[0], s[1], GS, BITS, norm=norm), *s[2], GS,
                                                          BITS, resid=resid), x, sets, mlp_bytes)
