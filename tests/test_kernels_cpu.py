@@ -203,7 +203,7 @@ def test_cuda_kernels_are_handed_to_mlx_as_includes(tmp_path, monkeypatch):
     included = [Path(re.fullmatch(r'#include "(.+)"', line).group(1))
                 for line in (inc_head + inc_body).splitlines() if line.startswith("#include")]
     assert [p.read_text() for p in included] == [head + "\n", body + "\n"]
-    assert all(p.is_absolute() and p.parent == tmp_path / "cuda-sources" for p in included)
+    assert all(p.is_absolute() and p.parent == (tmp_path / "cuda-sources").resolve() for p in included)
     shape_names = {f"{n}{s}" for n in ("x", "w", "scales", "biases") for s in ("_shape", "_strides", "_ndim")}
     assert {n for n in shape_names if n in body} == {n for n in shape_names if n in inc_body} != set()
     assert len(inc_head) + len(inc_body) < (len(head) + len(body)) / 10
@@ -211,6 +211,10 @@ def test_cuda_kernels_are_handed_to_mlx_as_includes(tmp_path, monkeypatch):
     assert dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x",))[0] == inc_head
     other = dialect.cuda_include_form("jang_qmv_tc_norm", head, body + "\n// changed", ("x",))
     assert other[0] != inc_head and len(list((tmp_path / "cuda-sources").iterdir())) == 4
+    # a file cut short (say by a crash) is written again
+    included[1].write_text("")
+    dialect.cuda_include_form("jang_qmv_tc_norm", head, body, ("x",))
+    assert included[1].read_text() == body + "\n"
 
 
 def test_kernel_sources_stay_inline_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
@@ -235,6 +239,9 @@ def test_concatenate_takes_one_launch_only_where_it_can():
     assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((1, 3), mx.float16)])
     assert not kernels.gpu.concatenate_supported(arrays + [mx.zeros((2, 3), mx.float32)])
     assert not kernels.gpu.concatenate_supported(arrays * (kernels.gpu.CONCAT_MAX_INPUTS // 4 + 1))
+    assert not kernels.gpu.concatenate_supported([mx.zeros((0, 3), mx.float16)] * 2)
     macros = (("JG_INPUTS", "JG_EACH(0, p0) JG_EACH(1, p1)"),)
     _, body = dialect.source("concat", "cuda", macros=macros)
     assert body.startswith("#define JG_INPUTS JG_EACH(0, p0) JG_EACH(1, p1)\n") and "JG_EACH(i, p)" in body
+    with pytest.raises(ValueError, match="one line"):
+        dialect.source("concat", "cuda", macros=(("JG_INPUTS", "JG_EACH(0, p0)\nJG_EACH(1, p1)"),))

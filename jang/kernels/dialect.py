@@ -307,6 +307,8 @@ def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = 
     knows (concat.body's list of inputs)."""
     if launch_bounds and dialect != "cuda":
         raise ValueError(f"launch bounds are CUDA's; kernel {name} asked for them in {dialect}")
+    if any("\n" in text for _, text in macros):
+        raise ValueError(f"kernel {name}: a macro's text must be one line (a #define ends at the newline)")
     body_text = "".join(f"#define {d} 1\n" for d in defines) + "".join(
         f"#define {m} {text}\n" for m, text in macros) + resolve_conditionals(
         minify(translate(body(name), dialect)), defines + tuple(m for m, _ in macros))
@@ -330,26 +332,23 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
     two files instead of carrying them. MLX hashes a custom kernel's whole source
     string on every launch: at ~0.2 us per KB (H200, session 16's node_cost_probe) a
     decode step's ~50 KB of kernel text per layer cost ~0.3 ms of host time per token.
-    The files are named by the hash of their content, so MLX's compile cache (keyed by
-    the hash of the text it is handed) can never pair a new body with old PTX. NVRTC
-    opens an absolute #include path itself. The source keeps a comment naming the
+    The files are named by the hash of their content, so MLX's module cache (keyed by
+    the kernel's name and the hash of the text it is handed) can never pair a changed
+    body with an old module. NVRTC opens an absolute #include path itself; MLX compiles
+    a kernel at its first launch with new template values, so the files must outlive
+    the process's use of them (MLX keeps no disk cache of custom kernels). The source keeps a comment naming the
     shape parameters the body reads, for MLX's search (_SHAPE_PARAMETERS). Where the
     folder cannot be written, (head, body_text) come back as they are, with a warning."""
     from jang.paths import cache_dir
 
     digest = hashlib.sha256(f"{head}\0{body_text}".encode()).hexdigest()[:20]
     try:
-        folder = cache_dir("cuda-sources")
-        if '"' in str(folder) or "\n" in str(folder):
-            raise OSError(f"{folder} has a quote or newline in its path, which an #include cannot name")
-        paths = []
-        for part, text in (("header", head), ("body", body_text)):
-            path = folder / f"{full_name}-{digest}.{part}.cuh"
-            if not path.exists():  # written whole, then renamed: no process sees half a file
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-                tmp.write_text(text + "\n")
-                os.replace(tmp, path)
-            paths.append(path)
+        folder = cache_dir("cuda-sources").resolve()  # absolute: MLX compiles later, from any directory
+        if any(c in str(folder) for c in '"\\\n'):
+            raise OSError(f"{folder} has a quote, backslash or newline in its path, which an #include cannot name")
+        paths = [folder / f"{full_name}-{digest}.{part}.cuh" for part in ("header", "body")]
+        for path, text in zip(paths, (head + "\n", body_text + "\n")):
+            _write_whole(path, text)
     except OSError as e:  # a read-only home: the kernels still run, with MLX hashing their whole text
         warnings.warn(f"JANG cannot write kernel sources under $JANG_CACHE or ~/.cache/jang ({e}); "
                       "handing MLX the whole text instead (slower decode)", stacklevel=2)
@@ -357,6 +356,26 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
     used = [n + suffix for n in inputs for suffix in _SHAPE_PARAMETERS if n + suffix in body_text]
     uses = f"// reads {' '.join(used)}\n" if used else ""
     return f'#include "{paths[0]}"\n', f'{uses}#include "{paths[1]}"\n'
+
+
+def _write_whole(path: Path, text: str):
+    """path holding exactly text: a file already there with other bytes (one cut short by
+    a crash) is written again. Written to a temporary name, synced, then renamed, so no
+    process ever reads half a file."""
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # JANG_CUDA_SOURCE=inline hands MLX the whole text, as before session 16 (for timing)

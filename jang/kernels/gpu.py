@@ -574,9 +574,9 @@ def attention(q, k, v, scale, window=0, warps=4):
     return y
 
 
-# mx.concatenate's inputs in one launch: at most this many (the body picks its input
-# by comparing the block's index with each; past a few dozen, MLX's per-input cost and
-# that chain outgrow the copies they replace)
+# mx.concatenate's inputs in one launch: at most this many. Every thread picks its input
+# by comparing its block's index with each in turn, so the chain grows with the inputs;
+# 64 is the most tested (tests/test_kernels_gpu.py), and a decode step has one per layer
 CONCAT_MAX_INPUTS = 64
 
 
@@ -584,7 +584,7 @@ def concatenate_supported(arrays) -> bool:
     if not 1 < len(arrays) <= CONCAT_MAX_INPUTS:
         return False
     first = arrays[0]
-    return (first.ndim > 0 and len(arrays) * first.size < 2**31
+    return (first.ndim > 0 and 0 < len(arrays) * first.size < 2**31
             and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays))
 
 
