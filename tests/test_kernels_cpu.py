@@ -245,3 +245,14 @@ def test_concatenate_takes_one_launch_only_where_it_can():
     assert body.startswith("#define JG_INPUTS JG_EACH(0, p0) JG_EACH(1, p1)\n") and "JG_EACH(i, p)" in body
     with pytest.raises(ValueError, match="one line"):
         dialect.source("concat", "cuda", macros=(("JG_INPUTS", "JG_EACH(0, p0)\nJG_EACH(1, p1)"),))
+
+
+def test_enabling_a_gpu_route_leaves_the_cpu_on_its_own_path():
+    """JANG_ENABLE (kernels.enabled) turns on the CPU's own routes there, never a GPU
+    kernel's: concatenate then stays mx.concatenate rather than launching a kernel."""
+    with kernels.enabled({"concat", "decode_attention", "compiled_decode"}):
+        assert kernels.route("compiled_decode", b="cpu") is True
+        assert not kernels.route("concat", b="cpu") and not kernels.route("decode_attention", b="cpu")
+        assert kernels.route("concat", b="cuda") is True and kernels.route("concat", b="metal") is True
+        arrays = [mx.full((2, 3), float(i), mx.float16) for i in range(4)]
+        assert mx.array_equal(kernels.concatenate(arrays), mx.concatenate(arrays, axis=0)).item()

@@ -151,12 +151,17 @@ def enabled(ops):
             live.update(old)
 
 
+_GPU_BACKENDS = ("cuda", "metal")
+
+
 def route(op: str, default=False, b=None):
-    """The route for op on backend b (default: the current one)."""
+    """The route for op on backend b (default: the current one). JANG_ENABLE turns on any
+    route on a GPU backend, but on the CPU only the CPU's own (its table's keys): a GPU
+    kernel's route never applies there."""
     b = b or backend()
     if op in _DISABLED:
         return default
-    if op in _ENABLED and b in ROUTES:
+    if op in _ENABLED and (b in _GPU_BACKENDS or op in ROUTES.get(b, _NO_ROUTES)):
         return ROUTES[b].get(op) or True
     return ROUTES.get(b, _NO_ROUTES).get(op, default)
 
@@ -366,7 +371,7 @@ def attention(q, k, v, scale, mask, length=None, op="attention"):
 def concatenate(arrays):
     """mx.concatenate(arrays, axis=0): one launch where routed ("concat") and the arrays
     share a shape and dtype (gpu.concatenate_supported)."""
-    if backend() in ("cuda", "metal") and route("concat") and gpu.concatenate_supported(arrays):
+    if route("concat") and gpu.concatenate_supported(arrays):
         return gpu.concatenate(arrays)
     return mx.concatenate(arrays, axis=0)
 

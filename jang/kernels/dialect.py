@@ -336,9 +336,10 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
     the kernel's name and the hash of the text it is handed) can never pair a changed
     body with an old module. NVRTC opens an absolute #include path itself; MLX compiles
     a kernel at its first launch with new template values, so the files must outlive
-    the process's use of them (MLX keeps no disk cache of custom kernels). The source keeps a comment naming the
-    shape parameters the body reads, for MLX's search (_SHAPE_PARAMETERS). Where the
-    folder cannot be written, (head, body_text) come back as they are, with a warning."""
+    the process's use of them (MLX keeps no disk cache of custom kernels). The source
+    keeps a comment naming the shape parameters the body reads, for MLX's search
+    (_SHAPE_PARAMETERS). Where the folder cannot be written, (head, body_text) come
+    back as they are, with a warning."""
     from jang.paths import cache_dir
 
     digest = hashlib.sha256(f"{head}\0{body_text}".encode()).hexdigest()[:20]
