@@ -401,17 +401,19 @@ class _DecodeChain:
         the scatter writes them. Not mx.slice_update with an array start: MLX computes its
         offset into an 8-byte array, which its CUDA allocator keeps in host memory, and
         the copy kernel reading it took 17 us per call against 1.4 us (docs/kernels.md)."""
-        layers = self.layers
-        B = ids.shape[0]
-        h = self.embed_tokens(ids)
-        q, pair = layers[0]._jang_pre(h, pos, kv_pair=True)
+        h, pairs = kernels.chained(self._jang_blocks, self.embed_tokens(ids), pos, kv)
+        return self.norm(h), mx.put_along_axis(kv, at, kernels.concatenate(pairs), axis=2)
+
+    def _jang_blocks(self, h, pos, kv):
+        """(the last block's output, every block's (2 B, Hkv, 1, D) KV pair) of the step:
+        a pure function of its inputs, so kernels.chained may chain its launches."""
+        B = h.shape[0]
         pairs = []
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.layers):
+            q, pair = layer._jang_pre(h, pos, kv_pair=True)
             pairs.append(pair)
             h = layer._jang_post(h, kernels.buffer_attention(q, kv, 2 * B * i, pair, layer.self_attn.scale, pos))
-            if i + 1 < len(layers):
-                q, pair = layers[i + 1]._jang_pre(h, pos, kv_pair=True)
-        return self.norm(h), mx.put_along_axis(kv, at, kernels.concatenate(pairs), axis=2)
+        return h, pairs
 
     def _jang_run_step(self, step, inputs, cache):
         pos = kernels.gpu.position(cache[0].offset)

@@ -103,6 +103,8 @@ INSTANCES = {"qmv_tc_bf16_2bit": "qmv_tc"}
 
 
 def source(name, launch_bounds=()):
+    if name == "chain":
+        return chain_source()
     body_name, defines, extra_in, extra_out = VARIANTS.get(name, (INSTANCES.get(name, name), (), [], []))
     inputs, template = KERNELS[name if name in KERNELS else body_name]
     if "JG_ROPE" in defines:
@@ -111,6 +113,14 @@ def source(name, launch_bounds=()):
         template += " constexpr int DBITS = 4; constexpr int DGS = 64;"
     inputs = inputs + extra_in
     head, body = dialect.source(body_name, "cuda", defines, launch_bounds, metal_export.MACROS.get(body_name, ()))
+    out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
+    outputs = [(o, out_t) for o in ["out", *extra_out]] + list(metal_export.more_outputs(body_name, defines))
+    return mlx_text(name, head, body, inputs, outputs, template)
+
+
+def mlx_text(name, head, body, inputs, outputs, template=""):
+    """The whole text MLX's cuda_kernel compiles for this header and body (its generated
+    signature, the template values as constexpr locals)."""
     if os.environ.get("JANG_CUDA_SOURCE") != "inline":  # exactly the text MLX is handed (dialect.kernel)
         head, body = dialect.cuda_include_form(f"check_{name}", head, body, [n for n, _ in inputs])
     args = []
@@ -120,13 +130,34 @@ def source(name, launch_bounds=()):
                              ("_ndim", "const __grid_constant__ int")):
             if n + suffix in body:
                 args.append(f"{decl} {n}{suffix}")
-    out_t = "__nv_bfloat16" if "bfloat16" in inputs[0][1] else "__half"
-    args += [f"{out_t}* {o}" for o in ["out", *extra_out]]
-    args += [f"{t}* {o}" for o, t in metal_export.more_outputs(body_name, defines)]
+    args += [f"{t}* {o}" for o, t in outputs]
     return ('#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
             + head + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + f"__global__ void custom_kernel_{name}(" + ", ".join(args) + ") {\n" + template + "\n" + body
             + "\n}\n}\n")
+
+
+def chain_source():
+    """The chained launch of one decode layer of the 8B shape (chain.py): q/k/v + norm +
+    RoPE, the step's attention, o_proj + residual, recorded from gpu.py's own calls."""
+    import mlx.core as mx
+    from jang.kernels import chain, gpu
+
+    H, Hq, Hkv, D = 4096, 32, 8, 128
+    def mat(n, k):
+        return mx.quantize(mx.zeros((n, k), mx.float16), group_size=64, bits=4)
+    mats, o = [mat(Hq * D, H), mat(Hkv * D, H), mat(Hkv * D, H)], mat(H, Hq * D)
+    x, kv, pos = mx.zeros((1, 1, H), mx.float16), mx.zeros((4, Hkv, 768, D), mx.float16), mx.zeros((1,), mx.int32)
+    with chain.recording() as rec:
+        q, pair = gpu.qmv_tc_multi(x, mats, 64, 4, norm=(mx.ones((H,), mx.float16), 1e-5),
+                                   rope=(gpu.rope_inv_freq(D, 5e5), pos, D, False),
+                                   shapes=[(1, Hq, 1, D), (2, Hkv, 1, D)], kv_pair=True)
+        gpu.qmv_tc(gpu.attention_decode(q, kv, None, 0.088, pos=pos, step=(pair, 2)), *o, 64, 4, resid=x)
+    (group,) = chain.groups(rec.launches)
+    external, outputs = chain.inputs_outputs(group)
+    head, body, _, _ = chain.chain_text(group, external, outputs)
+    inputs = [(f"jg_in{i}", chain.CUDA_TYPES[a.dtype]) for i, a in enumerate(external)] + [("jg_chain", "uint64_t")]
+    return mlx_text("chain", head, body, inputs, [(f"jg_out{i}", chain.CUDA_TYPES[p.dtype]) for i, p in enumerate(outputs)])
 
 
 def compile_one(lib, name, template=None, cubin=False):
@@ -222,7 +253,7 @@ def main():
             print(f"{name} {template or ''}: {cubin_facts(cubin)}, {sum(mix.values())} instructions;",
                   ", ".join(f"{op} {n}" for op, n in mix.most_common(12)))
         return
-    names = args or [*KERNELS, *VARIANTS]
+    names = args or [*KERNELS, *VARIANTS, "chain"]
     ok = all([compile_one(lib, n) for n in names])
     sys.exit(0 if ok else 1)
 

@@ -11,6 +11,17 @@ from mlx_lm.models.cache import make_prompt_cache
 from jang import kernels
 from jang.layers import adopt_all, compile_decode
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """These are the CPU's tests: on a machine with a GPU, adopt_all would already give the
+    blocks the compiled path (and its fused kernels: their twins are test_kernels_gpu.py's),
+    so they run on its CPU."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 FAMILIES = {
     "llama": (llama, {}),
     "qwen2": (qwen2, {"tie_word_embeddings": True}),

@@ -494,3 +494,90 @@ def test_qkv_with_rope(traditional):
             ref = mx.fast.rope(ref, head_dim, traditional=traditional, base=10000.0, scale=1.0, offset=37)
         assert rel_err(out.reshape(2, heads, 1, head_dim), ref) < 2 * TOL[mx.float16]
     assert_kv_pair(gpu.qmv_multi, x, mats, (nw, 1e-5), (inv_freq, offset, head_dim, traditional), outs)
+
+
+def _attention_half(seed, S=768, dtype=mx.float16):
+    """One decode layer's attention half at the 8B shape as the whole step launches it
+    (q/k/v + norm + RoPE, the step's attention, o_proj + residual), random weights and
+    KV buffer: a function of the position array."""
+    H, Hq, Hkv, D = 4096, 32, 8, 128
+    mats = [quantized(n, H, 4, 64, dtype, seed + i) for i, n in enumerate((Hq * D, Hkv * D, Hkv * D))]
+    o = quantized(H, Hq * D, 4, 64, dtype, seed + 3)
+    x = mx.random.normal((1, 1, H)).astype(dtype)
+    kv = mx.random.normal((4, Hkv, S, D)).astype(dtype)
+    norm, inv = (mx.random.uniform(0.5, 1.5, (H,)).astype(dtype), 1e-5), gpu.rope_inv_freq(D, 5e5)
+    mx.eval(mats, o, x, kv, norm[0])
+
+    def run(pos):
+        q, pair = gpu.qmv_tc_multi(x, mats, 64, 4, norm=norm, rope=(inv, pos, D, False),
+                                   shapes=[(1, Hq, 1, D), (2, Hkv, 1, D)], kv_pair=True)
+        return gpu.qmv_tc(gpu.attention_decode(q, kv, None, 0.088, pos=pos, step=(pair, 2)), *o, 64, 4, resid=x), pair
+    return run
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="chained launches are CUDA only")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_chain_matches_separate_launches(dtype, monkeypatch):
+    """The three launches as one chained launch (chain.py) write exactly what they write
+    apart, launch after launch (each in its own epoch of the counts), at positions in
+    different splits."""
+    from jang.kernels import chain
+
+    chains = []
+    real = chain.launch_chain
+    monkeypatch.setattr(chain, "launch_chain", lambda group, i: (chains.append(len(group)), real(group, i)))
+    run = _attention_half(7, dtype=dtype)
+    for p in (5, 700, 300, 300):
+        pos = gpu.position(p)
+        apart = run(pos)
+        together = chain.run(run, pos)
+        mx.eval(apart, together)
+        for a, b in zip(apart, together):
+            assert mx.array_equal(a, b).item(), f"position {p}"
+    assert chains == [3] * 4
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="chained launches are CUDA only")
+def test_decode_step_chains_its_launches(monkeypatch):
+    """A Llama model of the 8B's layer shape (two layers, a smaller vocabulary) decodes through the whole step with its launches chained: the logits of the step
+    unchained exactly, and mlx-lm's within tolerance; each step holds two chains (q/k/v
+    + attention + o_proj, then down + the next layer's three; gate/up's blocks are smaller)."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from jang import kernels
+    from jang.kernels import chain
+    from jang.layers import adopt_all
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                           num_attention_heads=32, num_key_value_heads=8, vocab_size=1000, rms_norm_eps=1e-5,
+                           rope_theta=500000.0)
+    mx.random.seed(4)
+    model = llama.Model(args)
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+    prompt = mx.random.randint(0, 1000, (1, 250))
+
+    def decode():
+        cache = make_prompt_cache(model)
+        logits = [model(prompt, cache=cache)[:, -1]]
+        tok = mx.argmax(logits[-1], -1)
+        for _ in range(8):  # the KV buffers (256) grow at the 7th token: a new trace
+            logits.append(model(tok[:, None], cache=cache)[:, -1])
+            tok = mx.argmax(logits[-1], -1)
+        return mx.concatenate(logits).astype(mx.float32)
+
+    ref = decode()
+    adopt_all(model)
+    with kernels.enabled({"compiled_decode"}):
+        apart = decode()
+    chains = []
+    real = chain.launch_chain
+    monkeypatch.setattr(chain, "launch_chain", lambda group, i: (chains.append(len(group)), real(group, i)))
+    with kernels.enabled({"compiled_decode", "chain"}):
+        model.model.__dict__.pop("_jang_step_call", None)  # traced again, now with the chains
+        together = decode()
+    assert chains[:2] == [3, 4], chains
+    assert mx.array_equal(apart, together).item()
+    assert rel_err(together, ref) < 1e-2

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from . import cpu, gpu, reference
+from . import chain, cpu, gpu, reference
 
 # Which fused kernel runs, per backend, from the H100 measurements in docs/kernels.md.
 # At decode each MLX op costs ~5-9 us of host time (Python, then MLX's eval), and a
@@ -75,11 +75,18 @@ ROUTES = {
         # 15; docs/kernels.md), and no host time saved measured: opt-in
         "fused_mlp": False,
         # the whole step's per-layer KV pairs in one launch (kernels.concatenate), where
-        # mx.concatenate launches a copy per input: 197 -> 166 kernels per token of the 8B
-        # shape, GPU 2.16 -> 2.13 ms, but the host's time in one profile each was no
-        # shorter (H200, session 16; docs/kernels.md): opt-in until an alternating run
-        # shows it
-        "concat": False,
+        # mx.concatenate launches a copy per input: 32 copies (39 us of GPU per token of the
+        # 8B shape) become one launch (2.5 us); with "chain", 8B decode 423.8 -> 431.1 tok/s
+        # in one alternating bench (H200, session 17; docs/kernels.md)
+        "concat": True,
+        # the whole step's consecutive kernels of one block size as one launch (kernels.chained,
+        # chain.py: blocks take tickets, and wait for the kernel before theirs to finish): on the
+        # 8B shape q/k/v + attention + o_proj, then down + the next layer's three, 162 -> 67
+        # custom nodes per token; pipelined 3.08 -> 2.52 ms per token in the decode profile,
+        # GPU 2.16 -> 2.28 ms (~1 us per kernel for the tickets and counts); end to end
+        # 412.4 -> 423.8 tok/s (8B), 427 -> 508 (SmolLM2) in one alternating bench (H200,
+        # session 17; docs/kernels.md)
+        "chain": True,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
@@ -374,6 +381,15 @@ def concatenate(arrays):
     if route("concat") and gpu.concatenate_supported(arrays):
         return gpu.concatenate(arrays)
     return mx.concatenate(arrays, axis=0)
+
+
+def chained(fn, *args):
+    """fn(*args) with its kernel launches chained where routed ("chain"): consecutive
+    launches of one block size as one launch (chain.run), a graph node each instead of
+    one per kernel. fn must not change anything outside its result (it may run twice)."""
+    if route("chain"):
+        return chain.run(fn, *args)
+    return fn(*args)
 
 
 def buffer_attention(q, kv, row, kv_new, scale, pos):

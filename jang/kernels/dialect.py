@@ -192,8 +192,13 @@ inline void jg_acc_store(const thread jg_acc& c, threadgroup float* p, int ld) {
 _WORD = re.compile(r"\b(" + "|".join(TOKENS["cuda"]) + r")\b")
 
 
-def translate(text: str, dialect: str) -> str:
-    table = TOKENS[dialect]
+# A chained launch (chain.py) runs each kernel's blocks under another block index: its
+# bodies read the block's position from these locals instead of the hardware's.
+VIRTUAL_BLOCKS = {"BLOCK_X": "jg_bx", "BLOCK_Y": "jg_by", "BLOCK_Z": "jg_bz"}
+
+
+def translate(text: str, dialect: str, virtual_blocks: bool = False) -> str:
+    table = {**TOKENS[dialect], **VIRTUAL_BLOCKS} if virtual_blocks else TOKENS[dialect]
     return _WORD.sub(lambda m: table[m.group(1)], text)
 
 
@@ -307,11 +312,24 @@ def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = 
     knows (concat.body's list of inputs)."""
     if launch_bounds and dialect != "cuda":
         raise ValueError(f"launch bounds are CUDA's; kernel {name} asked for them in {dialect}")
+    body_text = body_source(name, dialect, defines, macros)
+    return header_for(body_text, dialect) + _launch_bounds_text(launch_bounds), body_text
+
+
+@lru_cache(maxsize=None)
+def body_source(name: str, dialect: str, defines: tuple = (), macros: tuple = (), virtual_blocks: bool = False) -> str:
+    """The body of kernel ``name`` as source() builds it; with virtual_blocks it reads
+    its block's position from jg_bx / jg_by / jg_bz (VIRTUAL_BLOCKS)."""
     if any("\n" in text for _, text in macros):
         raise ValueError(f"kernel {name}: a macro's text must be one line (a #define ends at the newline)")
-    body_text = "".join(f"#define {d} 1\n" for d in defines) + "".join(
+    return "".join(f"#define {d} 1\n" for d in defines) + "".join(
         f"#define {m} {text}\n" for m, text in macros) + resolve_conditionals(
-        minify(translate(body(name), dialect)), defines + tuple(m for m, _ in macros))
+        minify(translate(body(name), dialect, virtual_blocks)), defines + tuple(m for m, _ in macros))
+
+
+def header_for(body_text: str, dialect: str) -> str:
+    """The dialect's header cut to the helpers body_text uses, directly or through
+    other helpers (each helper is hashed and compiled with every kernel that gets it)."""
     pre, rest = _split_preprocessor(minify(header(dialect)))
     items = _items(rest)
     wanted, frontier = set(), set(_HELPER.findall(body_text))
@@ -319,7 +337,7 @@ def source(name: str, dialect: str, defines: tuple = (), launch_bounds: tuple = 
         wanted |= frontier
         frontier = {ref for n, item in items if n in frontier for ref in _HELPER.findall(item)} - wanted
     kept = [item for n, item in items if n is None or n in wanted]
-    return "\n".join(pre + kept) + "\n" + _launch_bounds_text(launch_bounds), body_text
+    return "\n".join(pre + kept) + "\n"
 
 
 # MLX passes an input's shape / strides / ndim to a CUDA kernel only when it finds
@@ -386,24 +404,64 @@ _INLINE_CUDA_SOURCE = os.environ.get("JANG_CUDA_SOURCE", "") == "inline"
 @lru_cache(maxsize=None)
 def kernel(name: str, inputs: tuple, outputs: tuple, dialect: str, contiguous: bool = True, defines: tuple = (),
            shared_memory: int = 0, launch_bounds: tuple = (), macros: tuple = ()):
-    """The MLX kernel object for ``src/<name>.body`` in ``dialect`` (built once). Each
-    set of defines gets its own kernel name: MLX caches compiled kernels by name.
-    shared_memory: bytes of dynamic shared memory (CUDA only). It is part of the name
-    too, since MLX raises a kernel's limit past 48 KB once, when it first loads it.
-    launch_bounds: (threads, min_blocks), CUDA only; part of the name as well.
-    macros: (name, text) pairs (see source); the name gets the hash of their text."""
-    import mlx.core as mx
-
-    head, src = source(name, dialect, defines, launch_bounds, macros)
-    make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
+    """The kernel object for ``src/<name>.body`` in ``dialect`` (one per argument set;
+    see Kernel). Each set of defines gets its own kernel name: MLX caches compiled
+    kernels by name. shared_memory: bytes of dynamic shared memory (CUDA only). It is
+    part of the name too, since MLX raises a kernel's limit past 48 KB once, when it
+    first loads it. launch_bounds: (threads, min_blocks), CUDA only; part of the name as
+    well. macros: (name, text) pairs (see source); the name gets the hash of their text."""
     full_name = "_".join([f"jang_{name}", *(d.lower().removeprefix("jg_") for d in defines)])
-    extra = {}
     if shared_memory:
-        full_name, extra = f"{full_name}_smem{shared_memory}", {"shared_memory": shared_memory}
+        full_name = f"{full_name}_smem{shared_memory}"
     if launch_bounds:
         full_name = f"{full_name}_lb{launch_bounds[0]}x{launch_bounds[1]}"
     if macros:
         full_name = f"{full_name}_{hashlib.sha256(repr(macros).encode()).hexdigest()[:8]}"
+    return Kernel(name, full_name, inputs, outputs, dialect, contiguous, defines, shared_memory, launch_bounds, macros)
+
+
+# The recordings open in this thread (chain.recording): while one is, kernel calls are
+# recorded there instead of launched.
+RECORDING = threading.local()
+
+
+class Kernel:
+    """A kernel as gpu.py calls it: kernel(inputs=..., template=..., grid=...,
+    threadgroup=..., output_shapes=..., output_dtypes=...) -> outputs, as MLX's own
+    kernel objects. MLX's object is made at the first launch (a machine without the
+    dialect's backend can still build and record launches: chain.py's tests), and
+    while a chain.recording is open in this thread the call is recorded there
+    instead, returning its outputs as chain.Pending."""
+
+    def __init__(self, name, full_name, inputs, outputs, dialect, contiguous, defines, shared_memory, launch_bounds,
+                 macros):
+        self.name, self.full_name, self.inputs, self.outputs, self.dialect = name, full_name, inputs, outputs, dialect
+        self.contiguous, self.defines, self.shared_memory = contiguous, defines, shared_memory
+        self.launch_bounds, self.macros = launch_bounds, macros
+        self._mlx = None
+
+    def __call__(self, **launch):
+        recording = getattr(RECORDING, "current", None)
+        if recording is not None:
+            return recording.add(self, launch)
+        return self.mlx(**launch)
+
+    @property
+    def mlx(self):
+        """MLX's kernel object (mx.fast.cuda_kernel / metal_kernel), made once."""
+        if self._mlx is None:
+            head, src = source(self.name, self.dialect, self.defines, self.launch_bounds, self.macros)
+            self._mlx = mlx_kernel(self.full_name, head, src, self.inputs, self.outputs, self.dialect,
+                                   self.contiguous, self.shared_memory)
+        return self._mlx
+
+
+def mlx_kernel(full_name, head, src, inputs, outputs, dialect, contiguous=True, shared_memory=0):
+    """MLX's kernel object for this text: CUDA's as #include lines (cuda_include_form)."""
+    import mlx.core as mx
+
+    make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
+    extra = {"shared_memory": shared_memory} if shared_memory else {}
     if dialect == "cuda" and not _INLINE_CUDA_SOURCE:
         head, src = cuda_include_form(full_name, head, src, inputs)
     return make(name=full_name, input_names=list(inputs), output_names=list(outputs),

@@ -1,0 +1,276 @@
+"""Consecutive kernel launches run as one launch: fewer graph nodes for MLX's host.
+
+At decode every graph node costs MLX's host ~6-10 us to encode (docs/kernels.md,
+sessions 14-17), and a step of the 8B shape runs five custom kernels per layer. The
+kernels depend on each other across the whole grid (q/k/v -> attention -> o_proj: every
+block of one reads what every block of the one before wrote), and CUDA starts a
+launch's blocks in no guaranteed order, so each has been its own launch.
+
+A chained launch runs the blocks of several kernels. Each block takes a ticket (an
+atomic count) when it starts, and runs the block of the kernel its ticket falls to:
+tickets go out in the order blocks start, so when a block of kernel i + 1 starts,
+every block of kernel i has started already. Before it reads anything, it waits until
+kernel i's count of finished blocks is complete. No block ever waits on one that has not
+started, so the chain cannot deadlock, however many blocks fit on the GPU at once
+(a grid-wide barrier would need every block resident). The counts are never reset:
+each launch takes the next epoch of tickets and waits for its own epoch's counts.
+
+A chain needs: CUDA, one block size for all its kernels (a body's barriers count every
+thread of its block), no launch bounds. Each kernel's body runs unchanged in a scope of
+its own, a lambda, so its returns end only its part: its template values and inputs are
+locals there, named as the body expects, and it reads its block's position from
+jg_bx / jg_by / jg_bz (dialect.VIRTUAL_BLOCKS).
+
+How a caller uses it: run(fn, *args) calls fn with the kernel calls recorded instead of
+launched (dialect.Kernel): each returns its outputs as Pending, which the following
+kernel calls take as inputs. Then the recorded launches run, consecutive ones of one
+block size as a chain, and the Pendings in fn's result are replaced by arrays. Where fn
+hands a Pending to anything but a JANG kernel (an MLX op), fn runs again as it is.
+"""
+
+import hashlib
+import math
+import re
+from contextlib import contextmanager
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import dialect
+
+# The most kernels one chain holds: every kernel's blocks wait on the one before it, so a
+# long chain only adds the text NVRTC compiles (the decode's chains hold four).
+MAX_KERNELS = 8
+
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.int32: "int32_t",
+               mx.uint32: "uint32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.int8: "int8_t",
+               mx.bool_: "bool"}
+_SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
+
+
+class Pending:
+    """An output of a recorded launch, not launched yet: its shape and dtype (what the
+    code building the next launches reads of it), and its array once the recording has
+    run."""
+
+    __slots__ = ("shape", "dtype", "launch", "index", "value")
+
+    def __init__(self, shape, dtype, launch, index):
+        self.shape, self.dtype, self.launch, self.index, self.value = tuple(shape), dtype, launch, index, None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class Launch:
+    """One recorded kernel call: the dialect.Kernel and its keyword arguments."""
+
+    def __init__(self, kernel, call):
+        self.kernel, self.call = kernel, call
+        self.outputs = [Pending(s, d, self, i) for i, (s, d) in enumerate(zip(call["output_shapes"],
+                                                                               call["output_dtypes"]))]
+
+    def block_size(self):
+        """Threads per block where this launch can join a chain, else None."""
+        k, c = self.kernel, self.call
+        if k.dialect != "cuda" or k.launch_bounds or set(c) - {"inputs", "template", "grid", "threadgroup",
+                                                              "output_shapes", "output_dtypes"}:
+            return None
+        (gx, gy, gz), (tx, ty, tz) = c["grid"], c["threadgroup"]
+        # MLX shrinks a block to a grid smaller than it; blocks of one row only
+        if ty != 1 or tz != 1 or gx < tx or gx % tx:
+            return None
+        return tx
+
+    def blocks(self) -> tuple:
+        (gx, gy, gz), (tx, _, _) = self.call["grid"], self.call["threadgroup"]
+        return gx // tx, gy, gz
+
+
+class Recording:
+    def __init__(self):
+        self.launches = []
+
+    def add(self, kernel, call):
+        launch = Launch(kernel, call)
+        self.launches.append(launch)
+        return list(launch.outputs)
+
+
+@contextmanager
+def recording():
+    """Kernel calls in this thread recorded (Recording.launches), not launched."""
+    if getattr(dialect.RECORDING, "current", None) is not None:
+        raise RuntimeError("kernel recordings do not nest")
+    rec = dialect.RECORDING.current = Recording()
+    try:
+        yield rec
+    finally:
+        dialect.RECORDING.current = None
+
+
+def run(fn, *args):
+    """fn(*args), its kernel launches chained where they can be (see the module's
+    docstring). fn must not change anything outside its result: it may run twice."""
+    try:
+        with recording() as rec:
+            result = fn(*args)
+    except Exception:  # a Pending reached an MLX op (TypeError, AttributeError): no chains here
+        return fn(*args)
+    for i, group in enumerate(groups(rec.launches)):
+        (launch_alone if len(group) == 1 else launch_chain)(group, i)
+    return resolve(result)
+
+
+def resolve(result):
+    """result with each Pending replaced by its array (in tuples and lists)."""
+    if isinstance(result, Pending):
+        if result.value is None:
+            raise RuntimeError("a recorded kernel's output was read before its launch ran")
+        return result.value
+    if isinstance(result, (tuple, list)):
+        return type(result)(resolve(r) for r in result)
+    return result
+
+
+def groups(launches) -> list:
+    """The launches in order, consecutive ones of one block size together (at most
+    MAX_KERNELS), each group one launch."""
+    out = []
+    for launch in launches:
+        size = launch.block_size()
+        last = out[-1] if out else None
+        if (size is not None and last is not None and len(last) < MAX_KERNELS
+                and last[0].block_size() == size):
+            last.append(launch)
+        else:
+            out.append([launch])
+    return out
+
+
+def launch_alone(group, index=0):
+    (launch,) = group
+    call = dict(launch.call, inputs=[resolve(x) for x in launch.call["inputs"]])
+    for pending, array in zip(launch.outputs, launch.kernel.mlx(**call)):
+        pending.value = array
+
+
+def inputs_outputs(group) -> tuple:
+    """(the arrays the group's launches read from outside it, each once, in order of first
+    use; every launch's outputs, in order): the chained launch's inputs and outputs."""
+    external, seen = [], set()
+    for launch in group:
+        for x in launch.call["inputs"]:
+            if not (isinstance(x, Pending) and x.launch in group):
+                x = resolve(x)
+                if id(x) not in seen:
+                    seen.add(id(x))
+                    external.append(x)
+    return external, [p for launch in group for p in launch.outputs]
+
+
+def launch_chain(group, index):
+    """The group's launches as one (chain_text), its outputs every kernel's outputs."""
+    external, outputs = inputs_outputs(group)
+    head, body, smem, contiguous = chain_text(group, external, outputs)
+    name = f"jang_chain{len(group)}_{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+    kern = _chain_kernel(name, head, body, len(external), len(outputs), contiguous, smem)
+    threads = group[0].block_size()
+    total = sum(math.prod(launch.blocks()) for launch in group)
+    arrays = kern(inputs=[*external, _counts(index, tuple(launch.blocks() for launch in group))], grid=(total * threads, 1, 1),
+                  threadgroup=(threads, 1, 1), output_shapes=[p.shape for p in outputs],
+                  output_dtypes=[p.dtype for p in outputs])
+    for pending, array in zip(outputs, arrays):
+        pending.value = array
+
+
+@lru_cache(maxsize=None)
+def _chain_kernel(name, head, body, n_inputs, n_outputs, contiguous, shared_memory):
+    inputs = tuple(f"jg_in{i}" for i in range(n_inputs)) + ("jg_chain",)  # the counts (_counts)
+    return dialect.mlx_kernel(name, head, body, inputs, tuple(f"jg_out{i}" for i in range(n_outputs)), "cuda",
+                              contiguous, shared_memory)
+
+
+@lru_cache(maxsize=None)
+def _counts(index: int, blocks: tuple):
+    """The ticket and per-kernel finished-block counts (uint64, never reset: see
+    jg_chain_wait) of the index-th chain of a recording whose kernels have these blocks.
+    Launches that share them run one after another (each of a decode step's chains reads
+    the one before's output, and so does the next step's), and every one of them takes
+    exactly its blocks' tickets, so each launch's tickets are the next epoch's."""
+    counts = mx.zeros((len(blocks) + 1,), mx.uint64)
+    mx.eval(counts)
+    return counts
+
+
+def _template_line(name, value) -> str:
+    if isinstance(value, mx.Dtype):
+        return f"using {name} = {CUDA_TYPES[value]};"
+    if isinstance(value, bool):
+        return f"constexpr bool {name} = {'true' if value else 'false'};"
+    return f"constexpr int {name} = {int(value)};"
+
+
+def _input_lines(name, x, body, slot, out_slot) -> list:
+    """Locals that give a kernel's body its input ``name`` as it expects it: the chain's
+    input jg_in{slot} (with MLX's shape parameters where the body reads them), or an
+    output of an earlier kernel of the chain, jg_out{out_slot}, whose shape is known now
+    (row-contiguous: MLX allocates outputs so)."""
+    ctype = CUDA_TYPES[x.dtype]
+    used = [s for s in _SHAPE_PARAMETERS if name + s in body]
+    if out_slot is None:
+        return [f"const {ctype}* {name} = jg_in{slot};"] + [f"const auto& {name}{s} = jg_in{slot}{s};" for s in used]
+    shape = x.shape
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    values = {"_shape": f"const int {name}_shape[{len(shape)}] = {{{', '.join(map(str, shape))}}};",
+              "_strides": f"const int64_t {name}_strides[{len(shape)}] = {{{', '.join(map(str, strides))}}};",
+              "_ndim": f"const int {name}_ndim = {len(shape)};"}
+    return [f"const {ctype}* {name} = jg_out{out_slot};"] + [values[s] for s in used]
+
+
+def chain_text(group, external, outputs) -> tuple:
+    """(header, body, dynamic shared memory, whether inputs must be row-contiguous) of
+    the chained launch of group; external: its inputs from outside, in slot order;
+    outputs: every kernel's outputs, in slot order."""
+    slots = {id(x): i for i, x in enumerate(external)}
+    out_slots = {id(p): i for i, p in enumerate(outputs)}
+    n = len(group)
+    total = sum(math.prod(launch.blocks()) for launch in group)
+    lines = ["__shared__ unsigned long long jg_ticket;",
+             "if (threadIdx.x == 0) jg_ticket = atomicAdd((unsigned long long*)jg_chain, 1ull);",
+             "__syncthreads();",
+             f"const uint64_t jg_epoch = jg_ticket / {total};",
+             f"const int jg_t = int(jg_ticket - jg_epoch * {total});"]
+    start = 0
+    for p, launch in enumerate(group):
+        k, call = launch.kernel, launch.call
+        body = dialect.body_source(k.name, "cuda", k.defines, k.macros, virtual_blocks=True)
+        nx, ny, nz = launch.blocks()
+        end = start + nx * ny * nz
+        lines.append(f"{'else ' if p else ''}if (jg_t < {end}) {{")
+        if p:
+            lines.append(f"jg_chain_wait(jg_chain, {p}, (jg_epoch + 1) * {math.prod(group[p - 1].blocks())});")
+        position = {"jg_bx": f"jg_v % {nx}", "jg_by": f"jg_v / {nx} % {ny}", "jg_bz": f"jg_v / {nx * ny}"}
+        lines += ["[&]() {", f"const int jg_v = jg_t - {start};"]
+        lines += [f"const int {v} = {e};" for v, e in position.items() if re.search(rf"\b{v}\b", body)]
+        lines += [_template_line(name, value) for name, value in call.get("template", ())]
+        for name, x in zip(k.inputs, call["inputs"]):
+            inside = isinstance(x, Pending) and x.launch in group
+            lines += _input_lines(name, x, body, None if inside else slots[id(resolve(x))],
+                                  out_slots[id(x)] if inside else None)
+        lines += [f"{CUDA_TYPES[p_.dtype]}* {name} = jg_out{out_slots[id(p_)]};"
+                  for name, p_ in zip(k.outputs, launch.outputs)]
+        lines += [body, "}();"]
+        # the body's own macros end with its scope (another kernel may define them otherwise)
+        lines += [f"#undef {m}" for m in (*k.defines, *(m for m, _ in k.macros))]
+        lines += [f"jg_chain_done(jg_chain, {p});", "}"]
+        start = end
+    text = "\n".join(lines)
+    head = dialect.header_for(text, "cuda")
+    smem = max(launch.kernel.shared_memory for launch in group)
+    return head, text, smem, any(launch.kernel.contiguous for launch in group)
