@@ -426,6 +426,32 @@ def test_paired_fusions_take_the_tensor_cores_from_their_size():
         assert kernels._pair_on_tensor_cores(x_large, large, mlp=True) == kernels.route("fused_tc_mlp")
 
 
+def _llama_decoder(seed, prompt_len, steps, **shape):
+    """(a random two-layer fp16 Llama of this shape, 4-bit group 64 by mlx-lm's
+    nn.quantize, and a function decoding a random prompt plus ``steps`` greedy tokens
+    with a fresh cache: every step's last logits, fp32)."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = llama.ModelArgs(model_type="llama", num_hidden_layers=2, vocab_size=1000, rms_norm_eps=1e-5, **shape)
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+    prompt = mx.random.randint(0, 1000, (1, prompt_len))
+
+    def decode():
+        cache = make_prompt_cache(model)
+        logits = [model(prompt, cache=cache)[:, -1]]
+        tok = mx.argmax(logits[-1], -1)
+        for _ in range(steps):
+            logits.append(model(tok[:, None], cache=cache)[:, -1])
+            tok = mx.argmax(logits[-1], -1)
+        return mx.concatenate(logits).astype(mx.float32)
+    return model, decode
+
+
 @pytest.mark.parametrize("extra", [(), ("fused_mlp",), ("fused_tc=off",), ("fused_tc=off", "fused_tc_mlp"),
                                    ("decode_step=off",), ("decode_chain=off",), ("decode_attention=off",)],
                          ids=["tensor-core", "fused-mlp", "cuda-core", "tensor-core-mlp", "chain", "per-block",
@@ -437,33 +463,12 @@ def test_compiled_decode_with_fused_kernels(extra, monkeypatch):
     modules. Its layers are under the size from which the tensor cores take the paired
     fusions, so that size is lowered here."""
     monkeypatch.setattr(gpu, "PAIR_TC_MIN_WEIGHTS", 0)
-    import mlx.nn as nn
-    from mlx_lm.models import llama
-    from mlx_lm.models.cache import make_prompt_cache
-
     from jang import kernels
     from jang.layers import adopt_all
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                           num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, rms_norm_eps=1e-5,
-                           rope_theta=10000.0)
-    mx.random.seed(3)
-    model = llama.Model(args)
-    model.set_dtype(mx.float16)
-    nn.quantize(model, group_size=64, bits=4)
-
     # past one split of the decode attention (128 keys here), and the KV buffers (256) grow at the 3rd token
-    prompt = mx.random.randint(0, 1000, (1, 254))
-
-    def decode():
-        cache = make_prompt_cache(model)
-        logits = [model(prompt, cache=cache)[:, -1]]
-        tok = mx.argmax(logits[-1], -1)
-        for _ in range(4):
-            logits.append(model(tok[:, None], cache=cache)[:, -1])
-            tok = mx.argmax(logits[-1], -1)
-        return mx.concatenate(logits).astype(mx.float32)
-
+    model, decode = _llama_decoder(3, 254, 4, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                   num_key_value_heads=2, rope_theta=10000.0)
     ref = decode()
     with kernels.enabled({"qmv", "swiglu", "compiled_decode", *extra}):
         adopt_all(model)
@@ -539,45 +544,26 @@ def test_chain_matches_separate_launches(dtype, monkeypatch):
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="chained launches are CUDA only")
 def test_decode_step_chains_its_launches(monkeypatch):
-    """A Llama model of the 8B's layer shape (two layers, a smaller vocabulary) decodes through the whole step with its launches chained: the logits of the step
-    unchained exactly, and mlx-lm's within tolerance; each step holds two chains (q/k/v
-    + attention + o_proj, then down + the next layer's three; gate/up's blocks are smaller)."""
-    import mlx.nn as nn
-    from mlx_lm.models import llama
-    from mlx_lm.models.cache import make_prompt_cache
-
+    """A Llama model of the 8B's layer shape (two layers, a smaller vocabulary) decodes
+    through the whole step with its launches chained: the logits of the step unchained
+    exactly, and mlx-lm's within tolerance; each step holds two chains (q/k/v +
+    attention + o_proj, then down + the next layer's three; gate/up's blocks are smaller)."""
     from jang import kernels
     from jang.kernels import chain
     from jang.layers import adopt_all
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                           num_attention_heads=32, num_key_value_heads=8, vocab_size=1000, rms_norm_eps=1e-5,
-                           rope_theta=500000.0)
-    mx.random.seed(4)
-    model = llama.Model(args)
-    model.set_dtype(mx.float16)
-    nn.quantize(model, group_size=64, bits=4)
-    prompt = mx.random.randint(0, 1000, (1, 250))
-
-    def decode():
-        cache = make_prompt_cache(model)
-        logits = [model(prompt, cache=cache)[:, -1]]
-        tok = mx.argmax(logits[-1], -1)
-        for _ in range(8):  # the KV buffers (256) grow at the 7th token: a new trace
-            logits.append(model(tok[:, None], cache=cache)[:, -1])
-            tok = mx.argmax(logits[-1], -1)
-        return mx.concatenate(logits).astype(mx.float32)
-
+    # the KV buffers (256) grow at the 7th token: a new trace
+    model, decode = _llama_decoder(4, 250, 8, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, rope_theta=500000.0)
     ref = decode()
     adopt_all(model)
-    with kernels.enabled({"compiled_decode"}):
+    with kernels.enabled({"chain=off"}):
         apart = decode()
     chains = []
     real = chain.launch_chain
     monkeypatch.setattr(chain, "launch_chain", lambda group, i: (chains.append(len(group)), real(group, i)))
-    with kernels.enabled({"compiled_decode", "chain"}):
-        model.model.__dict__.pop("_jang_step_call", None)  # traced again, now with the chains
-        together = decode()
+    model.model.__dict__.pop("_jang_step_call", None)  # traced again, now with the chains (on by default)
+    together = decode()
     assert chains[:2] == [3, 4], chains
     assert mx.array_equal(apart, together).item()
     assert rel_err(together, ref) < 1e-2
