@@ -401,7 +401,7 @@ class _DecodeChain:
         the scatter writes them. Not mx.slice_update with an array start: MLX computes its
         offset into an 8-byte array, which its CUDA allocator keeps in host memory, and
         the copy kernel reading it took 17 us per call against 1.4 us (docs/kernels.md)."""
-        h, pairs = kernels.chained(self._jang_blocks, self.embed_tokens(ids), pos, kv)
+        h, pairs = kernels.chained(self._jang_blocks, self.embed_tokens(ids), pos, kv, owner=self)
         return self.norm(h), mx.put_along_axis(kv, at, kernels.concatenate(pairs), axis=2)
 
     def _jang_blocks(self, h, pos, kv):

@@ -2,7 +2,7 @@
 
 In session 17's decode profile of the 8B shape, a chain of down + q/k/v + attention +
 o_proj took 40.4 us per layer against 36.7 us for the four launches apart, and q/k/v +
-attention + o_proj 27.5 against 23.9: ~3.6 us per chain, whatever its length. This
+attention + o_proj 27.5 against 23.9 (this probe then put it at ~0.85 us per kernel). This
 times one layer's four launches (down + residual, q/k/v + norm + RoPE, the step's
 attention, o_proj + residual; 4 bits, group 64, fp16, weights cold) grouped in every
 way that separates the candidates: each launch alone, each alone but as a chain of one
@@ -41,7 +41,10 @@ def run_grouped(fn, sizes):
     for index, size in enumerate(sizes):
         group = rec.launches[at:at + int(str(size).rstrip("*"))]
         at += len(group)
-        (chain.launch_alone if size == 1 else chain.launch_chain)(group, index)
+        if size == 1:
+            chain.launch_alone(group[0])
+        else:
+            chain.launch_chain(group, ("probe", index))
     return chain.resolve(result)
 
 

@@ -156,7 +156,7 @@ def chain_source():
     (group,) = chain.groups(rec.launches)
     external, outputs = chain.inputs_outputs(group)
     head, body, _, _ = chain.chain_text(group, external, outputs)
-    inputs = [(f"jg_in{i}", chain.CUDA_TYPES[a.dtype]) for i, a in enumerate(external)] + [("jg_chain", "uint64_t")]
+    inputs = [(f"jg_in{i}", chain.CUDA_TYPES[a.dtype]) for i, a in enumerate(external)] + [("jg_layout", "int32_t"), ("jg_chain", "uint64_t")]
     return mlx_text("chain", head, body, inputs, [(f"jg_out{i}", chain.CUDA_TYPES[p.dtype]) for i, p in enumerate(outputs)])
 
 

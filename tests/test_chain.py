@@ -49,31 +49,54 @@ def test_a_recording_returns_pending_outputs_and_groups_one_layer(layer):
 
 
 def test_the_chain_text_waits_aliases_and_counts(layer):
-    run, _ = layer
+    run, x = layer
     with chain.recording() as rec:
         run()
     (group,) = chain.groups(rec.launches)
     external, outputs = chain.inputs_outputs(group)
     head, body, smem, contiguous = chain.chain_text(group, external, outputs)
-    blocks = [launch.blocks() for launch in group]
-    assert blocks == [(192, 1, 1), (12, 8, 1), (256, 1, 1)]
-    # each kernel after the first waits for all of the one before
-    assert "jg_chain_wait(jg_chain, 1, (jg_epoch + 1) * 192);" in body
-    assert "jg_chain_wait(jg_chain, 2, (jg_epoch + 1) * 96);" in body
-    assert "jg_chain_done(jg_chain, 2);" in body and "jg_chain_wait" in head
-    # the ticket ranges: 192 q/k/v blocks, then 96 attention blocks, then 256 o_proj blocks,
-    # in the launch's own epoch of 544 tickets
-    assert "jg_epoch = jg_ticket / 544;" in body
-    assert "if (jg_t < 192) {" in body and "else if (jg_t < 288) {" in body and "else if (jg_t < 544) {" in body
+    blocks = tuple(launch.blocks() for launch in group)
+    assert blocks == ((192, 1, 1), (12, 8, 1), (256, 1, 1))
+    # the layout the kernel reads: each kernel's last ticket + 1 (192 q/k/v blocks, 96
+    # attention blocks, 256 o_proj blocks), then each one's blocks in x and y
+    assert chain._layout(blocks).tolist() == [192, 288, 544, 192, 1, 12, 8, 256, 1]
+    assert "if (jg_t < jg_end[0]) {" in body and "else if (jg_t < jg_end[2]) {" in body
+    # each kernel after the first waits for all of the one before, in its launch's epoch
+    assert "jg_chain_wait(jg_chain, 1, (jg_epoch + 1) * (jg_end[0] - 0));" in body
+    assert "jg_chain_wait(jg_chain, 2, (jg_epoch + 1) * (jg_end[1] - jg_end[0]));" in body
+    assert "jg_chain_done(jg_chain, 3);" in body and "jg_chain_wait" in head
+    assert "jg_epoch = jg_ticket / gridDim.x;" in body
+    # the attention's block position from its grid of 12 x 8
+    assert "const int jg_by = jg_v / jg_layout[5] % jg_layout[6];" in body
     # attention reads q and the KV pair from the first kernel's outputs, with their shapes
     assert "const __half* q = jg_out0;" in body and "const __half* kv_new = jg_out1;" in body
     assert "const int q_shape[4] = {1, 32, 1, 128};" in body and "const int64_t q_strides[4] = {4096, 128, 128, 1};" in body
-    # ... and o_proj the attention's output; the residual and x are one input
-    assert "const __half* x = jg_out2;" in body
-    assert sum(a is external[0] for a in external) == 1 and len(external) == len({id(a) for a in external})
+    # ... and o_proj the attention's output; x, read by q/k/v and added by o_proj, is one input
+    assert "const __half* x = jg_out2;" in body and "const __half* resid = jg_in0;" in body
+    assert sum(a is x for a in external) == 1 and len(external) == 21
     assert "blockIdx" not in body.split("const int jg_t")[1], "the kernels' blocks are the tickets' positions"
     assert "#undef JG_NORM" in body and "using T = __half;" in body and "constexpr int BITS = 4;" in body
     assert smem == 2 * H and contiguous
+
+
+def test_the_chain_text_does_not_follow_the_kv_capacity():
+    """mlx-lm grows a KV cache every 256 tokens, and the attention's blocks follow the
+    buffer's capacity: the chain's text must not, or each growth would compile it again."""
+    mats, o = [_mat(HQ * D, H), _mat(HKV * D, H), _mat(HKV * D, H)], _mat(H, HQ * D)
+    x, pos = mx.zeros((1, 1, H), mx.float16), mx.zeros((1,), mx.int32)
+
+    def text(capacity):
+        kv = mx.zeros((4, HKV, capacity, D), mx.float16)
+        with chain.recording() as rec:
+            q, pair = gpu.qmv_tc_multi(x, mats, 64, 4, rope=(gpu.rope_inv_freq(D, 5e5), pos, D, False),
+                                       shapes=[(1, HQ, 1, D), (2, HKV, 1, D)], kv_pair=True)
+            gpu.qmv_tc(gpu.attention_decode(q, kv, None, 0.088, pos=pos, step=(pair, 2)), *o, 64, 4, resid=x)
+        (group,) = chain.groups(rec.launches)
+        return chain.chain_text(group, *chain.inputs_outputs(group)), [launch.blocks() for launch in group]
+
+    (small, small_blocks), (large, large_blocks) = text(768), text(1024)
+    assert small_blocks[1] == (12, 8, 1) and large_blocks[1] == (16, 8, 1)
+    assert small == large
 
 
 def test_groups_split_at_another_block_size(layer):
@@ -121,14 +144,19 @@ def test_resolve_refuses_an_output_that_never_ran(layer):
 
 
 def test_the_route_chains_only_on_cuda():
-    """kernels.chained records only where route "chain" is on: CUDA (and JANG_DISABLE=chain
-    turns it off there); elsewhere fn runs once, as it is."""
+    """kernels.chained records only where route "chain" is on: on CUDA, with JANG_ENABLE
+    (opt-in), never on the CPU; elsewhere fn runs once, as it is."""
     from jang import kernels
 
-    assert kernels.route("chain", b="cuda") and not kernels.route("chain", b="cpu")
-    with kernels.enabled({"chain=off"}):
-        assert not kernels.route("chain", b="cuda")
-    calls = []
-    x = mx.ones((2,))
-    assert mx.array_equal(kernels.chained(lambda y: (calls.append(dialect.RECORDING.current), y + 1)[1], x), x + 1)
-    assert calls == [None]
+    assert not kernels.route("chain", b="cuda") and not kernels.route("chain", b="cpu")
+    with kernels.enabled({"chain"}):
+        assert kernels.route("chain", b="cuda") and not kernels.route("chain", b="cpu")
+    calls, x = [], mx.ones((2,))
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # on a CUDA machine too
+    try:
+        with kernels.enabled({"chain"}):
+            out = kernels.chained(lambda y: (calls.append(dialect.RECORDING.current), y + 1)[1], x)
+    finally:
+        mx.set_default_device(device)
+    assert mx.array_equal(out, x + 1) and calls == [None]

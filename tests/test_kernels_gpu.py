@@ -454,7 +454,7 @@ def _llama_decoder(seed, prompt_len, steps, **shape):
 
 @pytest.mark.parametrize("extra", [(), ("fused_mlp",), ("fused_tc=off",), ("fused_tc=off", "fused_tc_mlp"),
                                    ("decode_step=off",), ("decode_chain=off",), ("decode_attention=off",)],
-                         ids=["tensor-core", "fused-mlp", "cuda-core", "tensor-core-mlp", "chain", "per-block",
+                         ids=["tensor-core", "fused-mlp", "cuda-core", "tensor-core-mlp", "calls-per-boundary", "per-block",
                               "mlx-attention"])
 def test_compiled_decode_with_fused_kernels(extra, monkeypatch):
     """A Llama-shaped model decoding through the compiled path with every decode fusion
@@ -525,21 +525,25 @@ def _attention_half(seed, S=768, dtype=mx.float16):
 def test_chain_matches_separate_launches(dtype, monkeypatch):
     """The three launches as one chained launch (chain.py) write exactly what they write
     apart, launch after launch (each in its own epoch of the counts), at positions in
-    different splits."""
+    different splits, and over KV buffers of two capacities (one kernel text, the blocks
+    read at run time)."""
     from jang.kernels import chain
 
     chains = []
     real = chain.launch_chain
-    monkeypatch.setattr(chain, "launch_chain", lambda group, i: (chains.append(len(group)), real(group, i)))
-    run = _attention_half(7, dtype=dtype)
-    for p in (5, 700, 300, 300):
-        pos = gpu.position(p)
-        apart = run(pos)
-        together = chain.run(run, pos)
-        mx.eval(apart, together)
-        for a, b in zip(apart, together):
-            assert mx.array_equal(a, b).item(), f"position {p}"
-    assert chains == [3] * 4
+    monkeypatch.setattr(chain, "launch_chain", lambda group, key: (chains.append(len(group)), real(group, key)))
+    texts = chain._chain_kernel.cache_info().currsize
+    for capacity in (768, 1024):
+        run = _attention_half(7, capacity, dtype)
+        for p in (5, 700, 300, 300):
+            pos = gpu.position(p)
+            apart = run(pos)
+            together = chain.run(run, pos)
+            mx.eval(apart, together)
+            for a, b in zip(apart, together):
+                assert mx.array_equal(a, b).item(), f"position {p} of {capacity}"
+    assert chains == [3] * 8
+    assert chain._chain_kernel.cache_info().currsize == texts + 1, "one kernel text for both capacities"
 
 
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="chained launches are CUDA only")
@@ -557,13 +561,13 @@ def test_decode_step_chains_its_launches(monkeypatch):
                                    num_key_value_heads=8, rope_theta=500000.0)
     ref = decode()
     adopt_all(model)
-    with kernels.enabled({"chain=off"}):
-        apart = decode()
+    apart = decode()
     chains = []
     real = chain.launch_chain
-    monkeypatch.setattr(chain, "launch_chain", lambda group, i: (chains.append(len(group)), real(group, i)))
-    model.model.__dict__.pop("_jang_step_call", None)  # traced again, now with the chains (on by default)
-    together = decode()
+    monkeypatch.setattr(chain, "launch_chain", lambda group, key: (chains.append(len(group)), real(group, key)))
+    model.model.__dict__.pop("_jang_step_call", None)  # traced again, now with the chains
+    with kernels.enabled({"chain"}):
+        together = decode()
     assert chains[:2] == [3, 4], chains
     assert mx.array_equal(apart, together).item()
     assert rel_err(together, ref) < 1e-2

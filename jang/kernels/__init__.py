@@ -75,18 +75,20 @@ ROUTES = {
         # 15; docs/kernels.md), and no host time saved measured: opt-in
         "fused_mlp": False,
         # the whole step's per-layer KV pairs in one launch (kernels.concatenate), where
-        # mx.concatenate launches a copy per input: 32 copies (39 us of GPU per token of the
-        # 8B shape) become one launch (2.5 us); with "chain", 8B decode 423.8 -> 431.1 tok/s
-        # in one alternating bench (H200, session 17; docs/kernels.md)
-        "concat": True,
+        # mx.concatenate launches a copy per input: 32 copies (~38 us of GPU per token of the
+        # 8B shape) become one launch (2.5 us). Measured only with "chain" (8B decode 423.8 ->
+        # 431.1 tok/s in one alternating bench; SmolLM2 508.3 -> 455.1, rounds spread widely;
+        # H200, session 17; docs/kernels.md): opt-in with it
+        "concat": False,
         # the whole step's consecutive kernels of one block size as one launch (kernels.chained,
         # chain.py: blocks take tickets, and wait for the kernel before theirs to finish): on the
         # 8B shape q/k/v + attention + o_proj, then down + the next layer's three, 162 -> 67
-        # custom nodes per token; pipelined 3.08 -> 2.52 ms per token in the decode profile,
-        # GPU 2.16 -> 2.28 ms (~1 us per kernel for the tickets and counts); end to end
-        # 412.4 -> 423.8 tok/s (8B), 427 -> 508 (SmolLM2) in one alternating bench (H200,
-        # session 17; docs/kernels.md)
-        "chain": True,
+        # custom nodes per token; with "concat", pipelined 3.08 -> 2.43 ms per token in the decode
+        # profile, GPU 2.16 -> 2.24 ms (~0.85 us per kernel for the tickets and counts), 412.4 ->
+        # 431.1 tok/s end to end (H200, session 17; docs/kernels.md). Opt-in: the form measured
+        # wrote the block counts into the kernel's text, so every KV-cache growth (256 tokens)
+        # compiled the chain again; the form here reads them at run time and has not run on a GPU
+        "chain": False,
     },
     "metal": {},
     # no fused kernels on the CPU; the compiled decode block runs there too, but off
@@ -383,12 +385,14 @@ def concatenate(arrays):
     return mx.concatenate(arrays, axis=0)
 
 
-def chained(fn, *args):
+def chained(fn, *args, owner=None):
     """fn(*args) with its kernel launches chained where routed ("chain"): consecutive
     launches of one block size as one launch (chain.run), a graph node each instead of
-    one per kernel. fn must not change anything outside its result (it may run twice)."""
+    one per kernel. fn must not change anything outside its result (it may run twice);
+    meant for code mx.compile traces. owner: what the chains' counts belong to (the
+    model: two models' steps evaluated together must not share them)."""
     if route("chain"):
-        return chain.run(fn, *args)
+        return chain.run(fn, *args, owner=owner)
     return fn(*args)
 
 

@@ -42,10 +42,9 @@ from . import dialect
 # long chain only adds the text NVRTC compiles (the decode's chains hold four).
 MAX_KERNELS = 8
 
+# MLX's CUDA names of the dtypes a chain's text declares (dtype_to_cuda_type in MLX)
 CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.int32: "int32_t",
-               mx.uint32: "uint32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.int8: "int8_t",
-               mx.bool_: "bool"}
-_SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
+              mx.uint32: "uint32_t", mx.int64: "int64_t", mx.uint8: "uint8_t", mx.int8: "int8_t", mx.bool_: "bool"}
 
 
 class Pending:
@@ -53,10 +52,10 @@ class Pending:
     code building the next launches reads of it), and its array once the recording has
     run."""
 
-    __slots__ = ("shape", "dtype", "launch", "index", "value")
+    __slots__ = ("shape", "dtype", "launch", "value")
 
-    def __init__(self, shape, dtype, launch, index):
-        self.shape, self.dtype, self.launch, self.index, self.value = tuple(shape), dtype, launch, index, None
+    def __init__(self, shape, dtype, launch):
+        self.shape, self.dtype, self.launch, self.value = tuple(shape), dtype, launch, None
 
     @property
     def size(self) -> int:
@@ -72,8 +71,7 @@ class Launch:
 
     def __init__(self, kernel, call):
         self.kernel, self.call = kernel, call
-        self.outputs = [Pending(s, d, self, i) for i, (s, d) in enumerate(zip(call["output_shapes"],
-                                                                               call["output_dtypes"]))]
+        self.outputs = [Pending(s, d, self) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
 
     def block_size(self):
         """Threads per block where this launch can join a chain, else None."""
@@ -81,6 +79,8 @@ class Launch:
         if k.dialect != "cuda" or k.launch_bounds or set(c) - {"inputs", "template", "grid", "threadgroup",
                                                               "output_shapes", "output_dtypes"}:
             return None
+        if any(x.dtype not in CUDA_TYPES for x in (*c["inputs"], *self.outputs)):
+            return None  # a type the chain's text cannot name
         (gx, gy, gz), (tx, ty, tz) = c["grid"], c["threadgroup"]
         # MLX shrinks a block to a grid smaller than it; blocks of one row only
         if ty != 1 or tz != 1 or gx < tx or gx % tx:
@@ -114,16 +114,21 @@ def recording():
         dialect.RECORDING.current = None
 
 
-def run(fn, *args):
+def run(fn, *args, owner=None):
     """fn(*args), its kernel launches chained where they can be (see the module's
-    docstring). fn must not change anything outside its result: it may run twice."""
+    docstring). fn must not change anything outside its result: it may run twice. Meant
+    for code that mx.compile traces: the chains' text is built on every call. owner:
+    what the chains' counts belong to (_counts), e.g. the model; None: shared."""
     try:
         with recording() as rec:
             result = fn(*args)
-    except Exception:  # a Pending reached an MLX op (TypeError, AttributeError): no chains here
+    except (TypeError, AttributeError):  # a Pending reached an MLX op (qwen3's q/k norms): no chains here
         return fn(*args)
     for i, group in enumerate(groups(rec.launches)):
-        (launch_alone if len(group) == 1 else launch_chain)(group, i)
+        if len(group) == 1:
+            launch_alone(group[0])
+        else:
+            launch_chain(group, (id(owner), i))
     return resolve(result)
 
 
@@ -153,8 +158,8 @@ def groups(launches) -> list:
     return out
 
 
-def launch_alone(group, index=0):
-    (launch,) = group
+def launch_alone(launch):
+    """One recorded launch as MLX's own kernel call, its Pending inputs resolved."""
     call = dict(launch.call, inputs=[resolve(x) for x in launch.call["inputs"]])
     for pending, array in zip(launch.outputs, launch.kernel.mlx(**call)):
         pending.value = array
@@ -174,16 +179,17 @@ def inputs_outputs(group) -> tuple:
     return external, [p for launch in group for p in launch.outputs]
 
 
-def launch_chain(group, index):
-    """The group's launches as one (chain_text), its outputs every kernel's outputs."""
+def launch_chain(group, key):
+    """The group's launches as one (chain_text), its outputs every kernel's outputs; key:
+    whose counts it takes (_counts)."""
     external, outputs = inputs_outputs(group)
     head, body, smem, contiguous = chain_text(group, external, outputs)
-    name = f"jang_chain{len(group)}_{hashlib.sha256(body.encode()).hexdigest()[:12]}"
-    kern = _chain_kernel(name, head, body, len(external), len(outputs), contiguous, smem)
-    threads = group[0].block_size()
-    total = sum(math.prod(launch.blocks()) for launch in group)
-    arrays = kern(inputs=[*external, _counts(index, tuple(launch.blocks() for launch in group))], grid=(total * threads, 1, 1),
-                  threadgroup=(threads, 1, 1), output_shapes=[p.shape for p in outputs],
+    digest = hashlib.sha256(f"{body}\0{smem}\0{contiguous}".encode()).hexdigest()[:12]
+    kern = _chain_kernel(f"jang_chain{len(group)}_{digest}", head, body, len(external), len(outputs), contiguous, smem)
+    blocks = tuple(launch.blocks() for launch in group)
+    arrays = kern(inputs=[*external, _layout(blocks), _counts(key, blocks)],
+                  grid=(sum(math.prod(b) for b in blocks) * group[0].block_size(), 1, 1),
+                  threadgroup=(group[0].block_size(), 1, 1), output_shapes=[p.shape for p in outputs],
                   output_dtypes=[p.dtype for p in outputs])
     for pending, array in zip(outputs, arrays):
         pending.value = array
@@ -191,18 +197,32 @@ def launch_chain(group, index):
 
 @lru_cache(maxsize=None)
 def _chain_kernel(name, head, body, n_inputs, n_outputs, contiguous, shared_memory):
-    inputs = tuple(f"jg_in{i}" for i in range(n_inputs)) + ("jg_chain",)  # the counts (_counts)
+    inputs = tuple(f"jg_in{i}" for i in range(n_inputs)) + ("jg_layout", "jg_chain")  # _layout, _counts
     return dialect.mlx_kernel(name, head, body, inputs, tuple(f"jg_out{i}" for i in range(n_outputs)), "cuda",
                               contiguous, shared_memory)
 
 
 @lru_cache(maxsize=None)
-def _counts(index: int, blocks: tuple):
+def _layout(blocks: tuple):
+    """The chain's block layout as the kernel reads it at run time: each kernel's last
+    ticket + 1, then each kernel's blocks in x and y (chain_text). Not constants in the
+    text: the attention's blocks follow the KV buffer's capacity, which mlx-lm grows every
+    256 tokens, and a new text is a new NVRTC compile (seconds) in the middle of a decode."""
+    ends = [sum(math.prod(b) for b in blocks[:i + 1]) for i in range(len(blocks))]
+    layout = mx.array(ends + [v for b in blocks for v in b[:2]], mx.int32)  # 12+ bytes: on the device (gpu._scalar)
+    mx.eval(layout)
+    return layout
+
+
+@lru_cache(maxsize=None)
+def _counts(key, blocks: tuple):
     """The ticket and per-kernel finished-block counts (uint64, never reset: see
-    jg_chain_wait) of the index-th chain of a recording whose kernels have these blocks.
-    Launches that share them run one after another (each of a decode step's chains reads
-    the one before's output, and so does the next step's), and every one of them takes
-    exactly its blocks' tickets, so each launch's tickets are the next epoch's."""
+    jg_chain_wait) of the chains of one key, (owner, position in its recording), and
+    one block layout. The launches that share them must run one after another, which
+    MLX's graph orders only through data: a decode step's chains each read the one
+    before's output, and the next step's read this step's; two models' steps evaluated
+    together have two owners. Every launch takes exactly its blocks' tickets, so each
+    launch's tickets are the next epoch's."""
     counts = mx.zeros((len(blocks) + 1,), mx.uint64)
     mx.eval(counts)
     return counts
@@ -222,7 +242,7 @@ def _input_lines(name, x, body, slot, out_slot) -> list:
     output of an earlier kernel of the chain, jg_out{out_slot}, whose shape is known now
     (row-contiguous: MLX allocates outputs so)."""
     ctype = CUDA_TYPES[x.dtype]
-    used = [s for s in _SHAPE_PARAMETERS if name + s in body]
+    used = [s for s in dialect.SHAPE_PARAMETERS if name + s in body]
     if out_slot is None:
         return [f"const {ctype}* {name} = jg_in{slot};"] + [f"const auto& {name}{s} = jg_in{slot}{s};" for s in used]
     shape = x.shape
@@ -236,26 +256,30 @@ def _input_lines(name, x, body, slot, out_slot) -> list:
 def chain_text(group, external, outputs) -> tuple:
     """(header, body, dynamic shared memory, whether inputs must be row-contiguous) of
     the chained launch of group; external: its inputs from outside, in slot order;
-    outputs: every kernel's outputs, in slot order."""
+    outputs: every kernel's outputs, in slot order. The text does not depend on the
+    kernels' block counts (read from jg_layout: _layout). Inputs are row-contiguous if
+    any kernel asks for it (a kernel reading strides then gets a contiguous copy of a
+    strided input: the same values). Each kernel's static shared memory is its own, so
+    they add up (48 KB at most, or the launch fails)."""
     slots = {id(x): i for i, x in enumerate(external)}
     out_slots = {id(p): i for i, p in enumerate(outputs)}
     n = len(group)
-    total = sum(math.prod(launch.blocks()) for launch in group)
     lines = ["__shared__ unsigned long long jg_ticket;",
+             f"int jg_end[{n}];",  # loaded while the ticket's atomic is in flight
+             f"for (int i = 0; i < {n}; i++) jg_end[i] = jg_layout[i];",
              "if (threadIdx.x == 0) jg_ticket = atomicAdd((unsigned long long*)jg_chain, 1ull);",
              "__syncthreads();",
-             f"const uint64_t jg_epoch = jg_ticket / {total};",
-             f"const int jg_t = int(jg_ticket - jg_epoch * {total});"]
-    start = 0
+             "const uint64_t jg_epoch = jg_ticket / gridDim.x;",
+             "const int jg_t = int(jg_ticket - jg_epoch * gridDim.x);"]
     for p, launch in enumerate(group):
         k, call = launch.kernel, launch.call
         body = dialect.body_source(k.name, "cuda", k.defines, k.macros, virtual_blocks=True)
-        nx, ny, nz = launch.blocks()
-        end = start + nx * ny * nz
-        lines.append(f"{'else ' if p else ''}if (jg_t < {end}) {{")
-        if p:
-            lines.append(f"jg_chain_wait(jg_chain, {p}, (jg_epoch + 1) * {math.prod(group[p - 1].blocks())});")
-        position = {"jg_bx": f"jg_v % {nx}", "jg_by": f"jg_v / {nx} % {ny}", "jg_bz": f"jg_v / {nx * ny}"}
+        start = f"jg_end[{p - 1}]" if p else "0"
+        lines.append(f"{'else ' if p else ''}if (jg_t < jg_end[{p}]) {{")
+        if p:  # counts[p]: kernel p - 1's finished blocks, (jg_end[p - 1] - its start) per launch
+            lines.append(f"jg_chain_wait(jg_chain, {p}, (jg_epoch + 1) * (jg_end[{p - 1}] - {f'jg_end[{p - 2}]' if p > 1 else '0'}));")
+        nx, ny = f"jg_layout[{n + 2 * p}]", f"jg_layout[{n + 2 * p + 1}]"
+        position = {"jg_bx": f"jg_v % {nx}", "jg_by": f"jg_v / {nx} % {ny}", "jg_bz": f"jg_v / ({nx} * {ny})"}
         lines += ["[&]() {", f"const int jg_v = jg_t - {start};"]
         lines += [f"const int {v} = {e};" for v, e in position.items() if re.search(rf"\b{v}\b", body)]
         lines += [_template_line(name, value) for name, value in call.get("template", ())]
@@ -268,8 +292,7 @@ def chain_text(group, external, outputs) -> tuple:
         lines += [body, "}();"]
         # the body's own macros end with its scope (another kernel may define them otherwise)
         lines += [f"#undef {m}" for m in (*k.defines, *(m for m, _ in k.macros))]
-        lines += [f"jg_chain_done(jg_chain, {p});", "}"]
-        start = end
+        lines += [f"jg_chain_done(jg_chain, {p + 1});", "}"]  # counts[p + 1]: this kernel's finished blocks
     text = "\n".join(lines)
     head = dialect.header_for(text, "cuda")
     smem = max(launch.kernel.shared_memory for launch in group)

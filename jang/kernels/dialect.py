@@ -342,7 +342,7 @@ def header_for(body_text: str, dialect: str) -> str:
 
 # MLX passes an input's shape / strides / ndim to a CUDA kernel only when it finds
 # "<input>_shape" (...) in the source it is handed
-_SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
+SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
 
 
 def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tuple:
@@ -356,7 +356,7 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
     a kernel at its first launch with new template values, so the files must outlive
     the process's use of them (MLX keeps no disk cache of custom kernels). The source
     keeps a comment naming the shape parameters the body reads, for MLX's search
-    (_SHAPE_PARAMETERS). Where the folder cannot be written, (head, body_text) come
+    (SHAPE_PARAMETERS). Where the folder cannot be written, (head, body_text) come
     back as they are, with a warning."""
     from jang.paths import cache_dir
 
@@ -372,7 +372,7 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
         warnings.warn(f"JANG cannot write kernel sources under $JANG_CACHE or ~/.cache/jang ({e}); "
                       "handing MLX the whole text instead (slower decode)", stacklevel=2)
         return head, body_text
-    used = [n + suffix for n in inputs for suffix in _SHAPE_PARAMETERS if n + suffix in body_text]
+    used = [n + suffix for n in inputs for suffix in SHAPE_PARAMETERS if n + suffix in body_text]
     uses = f"// reads {' '.join(used)}\n" if used else ""
     return f'#include "{paths[0]}"\n', f'{uses}#include "{paths[1]}"\n'
 
