@@ -14,12 +14,13 @@ def _mat(n, k, bits=4):
     return mx.quantize(mx.zeros((n, k), mx.float16), group_size=64, bits=bits)
 
 
-@pytest.fixture(scope="module")
-def layer():
+def _attention_half(capacity=768):
     """One decode layer's attention half at the 8B shape, as the whole step launches it:
-    q/k/v + norm + RoPE, the step's attention, o_proj + residual."""
+    q/k/v + norm + RoPE, the step's attention over a KV buffer of this capacity, o_proj
+    + residual. (run, x): run() makes the launches; x is the layer's input."""
     mats, o = [_mat(HQ * D, H), _mat(HKV * D, H), _mat(HKV * D, H)], _mat(H, HQ * D)
-    x, kv, pos = mx.zeros((1, 1, H), mx.float16), mx.zeros((4, HKV, 768, D), mx.float16), mx.zeros((1,), mx.int32)
+    x, pos = mx.zeros((1, 1, H), mx.float16), mx.zeros((1,), mx.int32)
+    kv = mx.zeros((4, HKV, capacity, D), mx.float16)
     norm, inv = (mx.ones((H,), mx.float16), 1e-5), gpu.rope_inv_freq(D, 5e5)
 
     def run():
@@ -28,6 +29,11 @@ def layer():
         h = gpu.qmv_tc(gpu.attention_decode(q, kv, None, 0.088, pos=pos, step=(pair, 2)), *o, 64, 4, resid=x)
         return h, pair
     return run, x
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return _attention_half()
 
 
 def test_kernels_are_built_at_their_first_launch():
@@ -82,15 +88,10 @@ def test_the_chain_text_waits_aliases_and_counts(layer):
 def test_the_chain_text_does_not_follow_the_kv_capacity():
     """mlx-lm grows a KV cache every 256 tokens, and the attention's blocks follow the
     buffer's capacity: the chain's text must not, or each growth would compile it again."""
-    mats, o = [_mat(HQ * D, H), _mat(HKV * D, H), _mat(HKV * D, H)], _mat(H, HQ * D)
-    x, pos = mx.zeros((1, 1, H), mx.float16), mx.zeros((1,), mx.int32)
-
     def text(capacity):
-        kv = mx.zeros((4, HKV, capacity, D), mx.float16)
+        run, _ = _attention_half(capacity)
         with chain.recording() as rec:
-            q, pair = gpu.qmv_tc_multi(x, mats, 64, 4, rope=(gpu.rope_inv_freq(D, 5e5), pos, D, False),
-                                       shapes=[(1, HQ, 1, D), (2, HKV, 1, D)], kv_pair=True)
-            gpu.qmv_tc(gpu.attention_decode(q, kv, None, 0.088, pos=pos, step=(pair, 2)), *o, 64, 4, resid=x)
+            run()
         (group,) = chain.groups(rec.launches)
         return chain.chain_text(group, *chain.inputs_outputs(group)), [launch.blocks() for launch in group]
 

@@ -146,15 +146,14 @@ def resolve(result):
 def groups(launches) -> list:
     """The launches in order, consecutive ones of one block size together (at most
     MAX_KERNELS), each group one launch."""
-    out = []
+    out, last_size = [], None
     for launch in launches:
         size = launch.block_size()
-        last = out[-1] if out else None
-        if (size is not None and last is not None and len(last) < MAX_KERNELS
-                and last[0].block_size() == size):
-            last.append(launch)
+        if size is not None and size == last_size and len(out[-1]) < MAX_KERNELS:
+            out[-1].append(launch)
         else:
             out.append([launch])
+            last_size = size
     return out
 
 
@@ -186,10 +185,10 @@ def launch_chain(group, key):
     head, body, smem, contiguous = chain_text(group, external, outputs)
     digest = hashlib.sha256(f"{body}\0{smem}\0{contiguous}".encode()).hexdigest()[:12]
     kern = _chain_kernel(f"jang_chain{len(group)}_{digest}", head, body, len(external), len(outputs), contiguous, smem)
-    blocks = tuple(launch.blocks() for launch in group)
+    blocks, threads = tuple(launch.blocks() for launch in group), group[0].block_size()
     arrays = kern(inputs=[*external, _layout(blocks), _counts(key, blocks)],
-                  grid=(sum(math.prod(b) for b in blocks) * group[0].block_size(), 1, 1),
-                  threadgroup=(group[0].block_size(), 1, 1), output_shapes=[p.shape for p in outputs],
+                  grid=(sum(math.prod(b) for b in blocks) * threads, 1, 1),
+                  threadgroup=(threads, 1, 1), output_shapes=[p.shape for p in outputs],
                   output_dtypes=[p.dtype for p in outputs])
     for pending, array in zip(outputs, arrays):
         pending.value = array
@@ -242,7 +241,7 @@ def _input_lines(name, x, body, slot, out_slot) -> list:
     output of an earlier kernel of the chain, jg_out{out_slot}, whose shape is known now
     (row-contiguous: MLX allocates outputs so)."""
     ctype = CUDA_TYPES[x.dtype]
-    used = [s for s in dialect.SHAPE_PARAMETERS if name + s in body]
+    used = dialect.shape_parameters_read(name, body)
     if out_slot is None:
         return [f"const {ctype}* {name} = jg_in{slot};"] + [f"const auto& {name}{s} = jg_in{slot}{s};" for s in used]
     shape = x.shape

@@ -345,6 +345,11 @@ def header_for(body_text: str, dialect: str) -> str:
 SHAPE_PARAMETERS = ("_shape", "_strides", "_ndim")
 
 
+def shape_parameters_read(name: str, text: str) -> list:
+    """The suffixes of SHAPE_PARAMETERS that text names for input ``name``."""
+    return [suffix for suffix in SHAPE_PARAMETERS if name + suffix in text]
+
+
 def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tuple:
     """(header, source) for mx.fast.cuda_kernel that #include head and body_text from
     two files instead of carrying them. MLX hashes a custom kernel's whole source
@@ -372,7 +377,7 @@ def cuda_include_form(full_name: str, head: str, body_text: str, inputs) -> tupl
         warnings.warn(f"JANG cannot write kernel sources under $JANG_CACHE or ~/.cache/jang ({e}); "
                       "handing MLX the whole text instead (slower decode)", stacklevel=2)
         return head, body_text
-    used = [n + suffix for n in inputs for suffix in SHAPE_PARAMETERS if n + suffix in body_text]
+    used = [n + suffix for n in inputs for suffix in shape_parameters_read(n, body_text)]
     uses = f"// reads {' '.join(used)}\n" if used else ""
     return f'#include "{paths[0]}"\n', f'{uses}#include "{paths[1]}"\n'
 
